@@ -1,0 +1,1 @@
+"""mcserve engine: scheduler, paged checkpoint store, sessions (DESIGN.md section 2)."""

@@ -1,0 +1,28 @@
+"""mcserve models: the Memory Caching recurrent LM (DESIGN.md section 1).
+
+Public API, used by the engine, the trainer and the tests:
+
+    import models
+    model = models.build(config_or_dict, seed=0)   # random initialisation
+    models.save(model, "dir/")                      # config.json, model.safetensors, tokenizer
+    model = models.load("dir/")                     # checked; errors name the file and tensor
+    logits = model(tokens)                          # parallel/chunked, differentiable
+    logits = model.naive_forward(tokens)            # token-loop reference
+    state = model.new_state(batch)
+    logits = model.prefill(tokens, state)           # any split, from any state
+    logits = model.decode(next_tokens, state)       # one token per sequence
+    model.save_state(state, "s.safetensors"); state = model.load_state("s.safetensors")
+    model.fingerprint                               # hash of config + weights
+"""
+
+from .config import AGGREGATIONS, BOUNDARIES, MEMORIES, ConfigError, ModelConfig
+from .io import ModelLoadError, build, load, read_config, save
+from .model import MCModel
+from .state import LayerState, MCState, StateError
+from .tokenizer import Tokenizer, TokenizerError, byte_tokenizer
+
+__all__ = [
+    "AGGREGATIONS", "BOUNDARIES", "MEMORIES", "ConfigError", "ModelConfig", "ModelLoadError",
+    "build", "load", "read_config", "save", "MCModel", "LayerState", "MCState", "StateError",
+    "Tokenizer", "TokenizerError", "byte_tokenizer",
+]

@@ -1,0 +1,186 @@
+"""Memory types: how the online state `M` (per head a `dk x dv` matrix) is written and read.
+
+A memory is a small interface, so that the mixer never branches on the memory kind:
+
+- `gates(x)`: the per-token decay `log a_t` and write strength `b_t` it needs (or None);
+- `update(M, k, v, log_a, beta)`: one token's write (the naive and decode paths);
+- `read(M, q)`: `M^T q`;
+- `mix(states, weights)`: the parameter "soup" `sum_j w_j M_j`;
+- `chunk_terms(...)` / `chunk_advance(...)`: the chunked form used by the parallel path. The
+  within-chunk work is done for all chunks at once; `chunk_advance` then carries the state
+  from one chunk to the next (the only sequential part).
+
+Shapes: heads first. One token: M [B,H,dk,dv], q/k [B,H,dk], v [B,H,dv], log_a/beta [B,H].
+Chunked: [B,H,N,L,*] for N chunks of L tokens.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Memory(nn.Module, metaclass=abc.ABCMeta):
+    """Matrix-valued associative memory, `o = M^T q`."""
+
+    @abc.abstractmethod
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B,T,d] -> (log_a [B,H,T], beta [B,H,T] or None)."""
+
+    @abc.abstractmethod
+    def update(self, M, k, v, log_a, beta) -> torch.Tensor:
+        """One token's write: the new M."""
+
+    @abc.abstractmethod
+    def chunk_terms(self, q, k, v, log_a, beta) -> "ChunkTerms":
+        """The state-independent part of every chunk, computed for all chunks at once."""
+
+    @abc.abstractmethod
+    def chunk_advance(self, terms: "ChunkTerms", n: int, M0: torch.Tensor):
+        """Chunk n from entering state M0 -> (online read-out [B,H,L,dv], state leaving it)."""
+
+    @staticmethod
+    def read(M: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (q[..., None, :] @ M)[..., 0, :]
+
+    @staticmethod
+    def mix(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """states [B,H,n,dk,dv], weights [B,H,n] -> [B,H,dk,dv]."""
+        mixed = weights[..., None, :] @ states.flatten(3)  # [B,H,1,dk*dv], no copy of the states
+        return mixed.view(*states.shape[:2], *states.shape[3:])
+
+
+@dataclass
+class ChunkTerms:
+    """Everything about a chunk that does not depend on the state entering it."""
+    q_decayed: torch.Tensor       # q_t * gamma_t, [B,H,N,L,dk]
+    attn: torch.Tensor            # causal within-chunk scores incl. decay, [B,H,N,L,L]
+    values: torch.Tensor          # v (gla) or U' (delta), [B,H,N,L,dv]
+    k_to_end: torch.Tensor        # k_s * gamma_L / gamma_s, [B,H,N,L,dk]
+    gamma_end: torch.Tensor       # total decay of the chunk, [B,H,N]
+    w: torch.Tensor | None = None  # delta only: U = U' - W M0, [B,H,N,L,dk]
+
+
+def _decay_matrix(G: torch.Tensor, strict: bool) -> torch.Tensor:
+    """exp(G_t - G_s) for s <= t (s < t if strict), else 0. G [...,L] -> [...,L,L]."""
+    L = G.shape[-1]
+    mask = torch.ones(L, L, dtype=torch.bool, device=G.device).tril(-1 if strict else 0)
+    diff = G[..., :, None] - G[..., None, :]
+    return torch.exp(diff.masked_fill(~mask, float("-inf")))
+
+
+class GatedLinearMemory(Memory):
+    """`M_t = a_t M_{t-1} + k_t v_t^T`; with `a_t = 1` this is plain linear attention."""
+
+    def __init__(self, config: ModelConfig, decay: bool):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.decay = nn.Linear(config.d_model, config.n_heads) if decay else None
+        if decay:
+            _init_decay(self.decay)
+
+    def gates(self, x):
+        return _log_decay(self.decay, x, self.n_heads), None
+
+    def update(self, M, k, v, log_a, beta):
+        a = torch.exp(log_a)[..., None, None]
+        return a * M + k[..., :, None] * v[..., None, :]
+
+    def chunk_terms(self, q, k, v, log_a, beta):
+        G = log_a.cumsum(-1)
+        attn = (q @ k.transpose(-1, -2)) * _decay_matrix(G, strict=False)
+        return ChunkTerms(
+            q_decayed=q * torch.exp(G)[..., None],
+            attn=attn,
+            values=v,
+            k_to_end=k * torch.exp(G[..., -1:] - G)[..., None],
+            gamma_end=torch.exp(G[..., -1]),
+        )
+
+    def chunk_advance(self, terms, n, M0):
+        v = terms.values[:, :, n]
+        out = terms.attn[:, :, n] @ v + terms.q_decayed[:, :, n] @ M0
+        M1 = terms.gamma_end[:, :, n, None, None] * M0 + terms.k_to_end[:, :, n].transpose(-1, -2) @ v
+        return out, M1
+
+
+class DeltaMemory(Memory):
+    """Gated delta rule: `M_t = a_t (M_{t-1} - b_t k_t (k_t^T M_{t-1})) + b_t k_t v_t^T`.
+
+    Chunked with the WY/UT form: writing `u_t = b_t (v_t - a_t M_{t-1}^T k_t)` turns the update
+    into `M_t = a_t M_{t-1} + k_t u_t^T`, and within a chunk `(I + A) U = diag(b)(V - Gamma K M0)`
+    with `A_ts = b_t (gamma_t/gamma_s) k_t.k_s` (s < t). So `U = U' - W M0` with
+    `U' = T diag(b) V`, `W = T diag(b) Gamma K`, `T = (I + A)^-1` (a unit-triangular solve).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.decay = nn.Linear(config.d_model, config.n_heads) if config.delta_decay else None
+        if self.decay is not None:
+            _init_decay(self.decay)
+        self.write = nn.Linear(config.d_model, config.n_heads, bias=False)
+
+    def gates(self, x):
+        beta = torch.sigmoid(self.write(x)).permute(0, 2, 1)
+        return _log_decay(self.decay, x, self.n_heads), beta
+
+    def update(self, M, k, v, log_a, beta):
+        a = torch.exp(log_a)[..., None, None]
+        b = beta[..., None, None]
+        recalled = self.read(M, k)
+        return a * (M - b * k[..., :, None] * recalled[..., None, :]) + b * k[..., :, None] * v[..., None, :]
+
+    def chunk_terms(self, q, k, v, log_a, beta):
+        G = log_a.cumsum(-1)
+        gamma = torch.exp(G)
+        kk = k @ k.transpose(-1, -2)
+        A = beta[..., :, None] * kk * _decay_matrix(G, strict=True)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        rhs = torch.cat([beta[..., None] * v, (beta * gamma)[..., None] * k], dim=-1)
+        solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        dv = v.shape[-1]
+        return ChunkTerms(
+            q_decayed=q * gamma[..., None],
+            attn=(q @ k.transpose(-1, -2)) * _decay_matrix(G, strict=False),
+            values=solved[..., :dv],
+            k_to_end=k * torch.exp(G[..., -1:] - G)[..., None],
+            gamma_end=torch.exp(G[..., -1]),
+            w=solved[..., dv:],
+        )
+
+    def chunk_advance(self, terms, n, M0):
+        u = terms.values[:, :, n] - terms.w[:, :, n] @ M0
+        out = terms.attn[:, :, n] @ u + terms.q_decayed[:, :, n] @ M0
+        M1 = terms.gamma_end[:, :, n, None, None] * M0 + terms.k_to_end[:, :, n].transpose(-1, -2) @ u
+        return out, M1
+
+
+def build_memory(config: ModelConfig) -> Memory:
+    if config.memory == "linear":
+        return GatedLinearMemory(config, decay=False)
+    if config.memory == "gla":
+        return GatedLinearMemory(config, decay=True)
+    return DeltaMemory(config)
+
+
+def _log_decay(proj: nn.Linear | None, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """log a_t = -softplus(w_a . x_t + b_a), [B,H,T]; zeros when the memory has no decay."""
+    if proj is None:
+        return x.new_zeros(x.shape[0], n_heads, x.shape[1])
+    return -F.softplus(proj(x).float()).permute(0, 2, 1)
+
+
+def _init_decay(proj: nn.Linear, lo: float = 1e-3, hi: float = 1e-1) -> None:
+    """Per-head decay rates -log a spread log-uniformly in [lo, hi] (half-lives ~7..700 tokens)."""
+    with torch.no_grad():
+        proj.weight.normal_(0.0, 0.01)
+        heads = proj.bias.shape[0]
+        rate = torch.exp(torch.linspace(torch.log(torch.tensor(lo)), torch.log(torch.tensor(hi)), heads))
+        proj.bias.copy_(torch.log(torch.expm1(rate)))  # inverse softplus

@@ -1,0 +1,261 @@
+"""The Memory Caching mixer: one MC memory layer with its three execution paths.
+
+- `naive`: a token loop written straight from the equations (DESIGN.md section 1), the reference;
+- `chunked`: the parallel form over a whole chunk of tokens, starting from any state (training,
+  prefill); chunks never straddle a segment boundary, so checkpoints fall out at chunk ends;
+- `step`: one token for a batch of states (decode), vectorised over the cached checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aggregation import gate_weights, ssc_topk
+from .config import ModelConfig
+from .layers import RMSNorm, ShortConv
+from .memory import build_memory
+from .state import LayerState
+
+MAX_CHUNK = 64
+
+
+def pick_chunk_size(segment_size: int, target: int = MAX_CHUNK) -> int:
+    """The largest chunk <= target that divides the segment, so chunks tile segments exactly."""
+    if segment_size <= target:
+        return segment_size
+    best = max(d for d in range(1, target + 1) if segment_size % d == 0)
+    return best if best >= 16 else segment_size
+
+
+class MCMixer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        H, dk, dv, d = c.n_heads, c.dk, c.dv, c.d_model
+        # One input projection for q, k, v, the output gate and (if scored) the connector u.
+        self.splits = [H * dk, H * dk, H * dv, H * dv] + ([H * dk] if c.scores_segments else [])
+        self.in_proj = nn.Linear(d, sum(self.splits), bias=False)
+        self.conv = ShortConv(H * (2 * dk + dv), c.conv_size) if c.conv_size else None
+        self.memory = build_memory(c)
+        self.head_norm = RMSNorm(dv, c.norm_eps)
+        self.o_proj = nn.Linear(H * dv, d, bias=False)
+        self.chunk_size = pick_chunk_size(c.segment_size)
+
+    # --- shared pieces ---------------------------------------------------------------------
+    def new_state(self, batch: int, device=None) -> LayerState:
+        c = self.config
+        H, dk, dv = c.n_heads, c.dk, c.dv
+        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        return LayerState(
+            online=zeros(batch, H, dk, dv), key_sum=zeros(batch, H, dk),
+            ckpts=zeros(batch, H, 0, dk, dv), summaries=zeros(batch, H, 0, dk),
+            conv_tail=self.conv.new_tail(batch, device) if self.conv else None)
+
+    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None):
+        """x [B,T,d] -> q, k [B,H,T,dk] (L2-normalised), v [B,H,T,dv], u [B,H,T,dk] or None,
+        log_a [B,H,T], beta [B,H,T] or None, the output gate [B,T,H*dv] and the new conv tail."""
+        c = self.config
+        H, dk, dv = c.n_heads, c.dk, c.dv
+        parts = self.in_proj(x).split(self.splits, dim=-1)
+        qkv, gate = torch.cat(parts[:3], dim=-1), parts[3]
+        if self.conv is not None:
+            qkv, conv_tail = self.conv(qkv, conv_tail)
+        q, k, v = qkv.float().split(self.splits[:3], dim=-1)
+        heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
+        q = F.normalize(heads(q, dk), dim=-1, eps=1e-6)
+        k = F.normalize(heads(k, dk), dim=-1, eps=1e-6)
+        u = heads(parts[4].float(), dk) if c.scores_segments else None
+        log_a, beta = self.memory.gates(x)
+        return q, k, heads(v, dv), u, log_a, beta, gate, conv_tail
+
+    def finish(self, y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [B,H,T,dv] -> per-head RMSNorm, output gate, W_o -> [B,T,d]."""
+        y = self.head_norm(y).transpose(1, 2).flatten(2)
+        return self.o_proj((y * torch.sigmoid(gate.float())).to(x.dtype))
+
+    def _score(self, u: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        return (u * summaries).sum(-1) * self.config.score_scale
+
+    # --- path 1: naive token loop (the reference) ------------------------------------------
+    def naive(self, x: torch.Tensor) -> torch.Tensor:
+        c, mem = self.config, self.memory
+        B, T, _ = x.shape
+        st = self.new_state(B, x.device)
+        q, k, v, u, log_a, beta, gate, _ = self.project(x, st.conv_tail)
+        M, key_sum, count = st.online, st.key_sum, 0
+        ckpts: list[torch.Tensor] = []
+        summaries: list[torch.Tensor] = []
+        outs = []
+        for t in range(T):
+            b_t = beta[:, :, t] if beta is not None else None
+            M = mem.update(M, k[:, :, t], v[:, :, t], log_a[:, :, t], b_t)
+            key_sum, count = key_sum + k[:, :, t], count + 1
+            q_t = q[:, :, t]
+            if c.aggregation == "none":
+                y = mem.read(M, q_t)
+            elif c.aggregation == "residual":
+                y = mem.read(M, q_t) + sum((mem.read(C, q_t) for C in ckpts), torch.zeros_like(v[:, :, t]))
+            else:
+                y = self._naive_gated_read(M, ckpts, summaries, q_t, u[:, :, t], key_sum / count)
+            outs.append(y)
+            if (t + 1) % c.segment_size == 0:
+                if c.caches_checkpoints:
+                    ckpts.append(M)
+                    summaries.append(key_sum / count)
+                key_sum, count = torch.zeros_like(key_sum), 0
+                if c.boundary == "reset":
+                    M = torch.zeros_like(M)
+        return self.finish(torch.stack(outs, dim=2), gate, x)
+
+    def _naive_gated_read(self, M, ckpts, summaries, q_t, u_t, online_summary):
+        c, mem = self.config, self.memory
+        online_r = self._score(u_t, online_summary)
+        if not ckpts:
+            return mem.read(M, q_t)
+        r = torch.stack([self._score(u_t, s) for s in summaries], dim=-1)  # [B,H,n]
+        keep = torch.ones_like(r, dtype=torch.bool)
+        if c.aggregation == "ssc" and r.shape[-1] > c.ssc_top_k:
+            rank = r.argsort(dim=-1, descending=True).argsort(dim=-1)
+            keep = rank < c.ssc_top_k
+        top = torch.maximum(r.masked_fill(~keep, float("-inf")).amax(-1), online_r)
+        w = torch.exp(r - top[..., None]) * keep
+        w_online = torch.exp(online_r - top)
+        total = w.sum(-1) + w_online
+        weights = [w[..., i] / total for i in range(len(ckpts))] + [w_online / total]
+        states = ckpts + [M]
+        if c.aggregation == "soup":
+            return mem.read(mem.mix(torch.stack(states, 2), torch.stack(weights, -1)), q_t)
+        return sum(g[..., None] * mem.read(S, q_t) for g, S in zip(weights, states))
+
+    # --- path 2: chunked parallel form from any state --------------------------------------
+    def chunked(self, x: torch.Tensor, st: LayerState, pos: int) -> torch.Tensor:
+        """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated)."""
+        c, mem = self.config, self.memory
+        B, T, _ = x.shape
+        q, k, v, u, log_a, beta, gate, st.conv_tail = self.project(x, st.conv_tail)
+        L, S = self.chunk_size, c.segment_size
+        # Pad so chunks tile absolute positions [base, base + N*L). Padded tokens have
+        # k = v = 0, a = 1, b = 0: they leave the state untouched, and their outputs are dropped.
+        front = pos % L
+        N = -(-(front + T) // L)
+        back = N * L - front - T
+        chunks = lambda t: F.pad(t, (0, 0, front, back)).unflatten(2, (N, L))  # noqa: E731
+        q, k, v = chunks(q), chunks(k), chunks(v)
+        u = chunks(u) if u is not None else None
+        log_a = F.pad(log_a, (front, back)).unflatten(2, (N, L))
+        beta = F.pad(beta, (front, back)).unflatten(2, (N, L)) if beta is not None else None
+        terms = mem.chunk_terms(q, k, v, log_a, beta)
+
+        base, n0 = pos - front, st.ckpts.shape[2]
+        M, key_sum = st.online, st.key_sum
+        online_out, key_sum_at_start, visible = [], [], []
+        new_ckpts, new_summaries = [], []
+        k_chunk_sums = k.sum(dim=3)
+        for n in range(N):
+            out, M = mem.chunk_advance(terms, n, M)
+            online_out.append(out)
+            key_sum_at_start.append(key_sum)
+            visible.append(n0 + len(new_ckpts))
+            key_sum = key_sum + k_chunk_sums[:, :, n]
+            end = base + (n + 1) * L
+            if end % S == 0 and end <= pos + T:  # a segment finished inside this call
+                if c.caches_checkpoints:
+                    new_ckpts.append(M)
+                    new_summaries.append(key_sum / S)
+                key_sum = torch.zeros_like(key_sum)
+                if c.boundary == "reset":
+                    M = torch.zeros_like(M)
+        st.online, st.key_sum = M, key_sum
+        online = torch.stack(online_out, dim=2)  # [B,H,N,L,dv]
+        cached = (torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2) if new_ckpts else st.ckpts)
+        summaries = (torch.cat([st.summaries, torch.stack(new_summaries, 2)], 2)
+                     if new_summaries else st.summaries)
+        st.ckpts, st.summaries = cached, summaries
+
+        if c.aggregation == "none" or cached.shape[2] == 0:
+            y = online
+        elif c.aggregation == "residual":
+            y = online + self._chunked_residual(q, cached, visible)
+        else:
+            y = self._chunked_gated(q, u, k, online, cached, summaries, visible,
+                                    torch.stack(key_sum_at_start, 2), base)
+        y = y.flatten(2, 3)[:, :, front:front + T]
+        return self.finish(y, gate, x)
+
+    def _chunked_residual(self, q, cached, visible):
+        # Linear read-out: sum_i C_i^T q = (sum_i C_i)^T q, with a prefix sum over checkpoints.
+        prefix = F.pad(cached.cumsum(2), (0, 0, 0, 0, 1, 0))  # [B,H,n+1,dk,dv]
+        sums = prefix[:, :, visible]  # [B,H,N,dk,dv]
+        return q @ sums
+
+    def _chunked_gated(self, q, u, k, online, cached, summaries, visible, key_sum_at_start, base):
+        c = self.config
+        B, H, N, L, dk = q.shape
+        S = c.segment_size
+        # Online summary: running mean of this segment's keys up to and including t.
+        positions = base + torch.arange(N * L, device=q.device).view(N, L)
+        count = (positions % S + 1).to(q.dtype)
+        running = key_sum_at_start[:, :, :, None] + k.cumsum(3)
+        online_r = self._score(u, running / count[..., None])  # [B,H,N,L]
+        cached_r = torch.einsum("bhnlk,bhik->bhnli", u, summaries) * c.score_scale
+        n_total = cached.shape[2]
+        vis = torch.tensor(visible, device=q.device)
+        mask = (torch.arange(n_total, device=q.device)[None, :] < vis[:, None])[:, None, :]  # [N,1,n]
+        g_cached, g_online = gate_weights(cached_r, online_r, mask, c.aggregation, c.ssc_top_k)
+        y = g_online[..., None] * online
+        # sum_i g_i C_i^T q as one matmul per chunk: [L, i*dk] @ [i*dk, dv].
+        cached_flat = cached.flatten(2, 3)  # [B,H,n*dk,dv]
+        reads = []
+        for n in range(N):
+            seen = visible[n]
+            if seen == 0:
+                reads.append(torch.zeros_like(online[:, :, n]))
+                continue
+            weighted_q = (g_cached[:, :, n, :, :seen, None] * q[:, :, n, :, None, :]).flatten(3)
+            reads.append(weighted_q @ cached_flat[:, :, :seen * dk])
+        return y + torch.stack(reads, dim=2)
+
+    # --- path 3: one decode step -----------------------------------------------------------
+    def step(self, x: torch.Tensor, st: LayerState, pos: int) -> torch.Tensor:
+        """One token x [B,1,d] at absolute position `pos` for every sequence of `st` (updated)."""
+        c, mem = self.config, self.memory
+        q, k, v, u, log_a, beta, gate, st.conv_tail = self.project(x, st.conv_tail)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        M = mem.update(st.online, k, v, log_a[:, :, 0], beta[:, :, 0] if beta is not None else None)
+        key_sum = st.key_sum + k
+        online = mem.read(M, q)
+        n = st.ckpts.shape[2]
+        if c.aggregation == "none" or n == 0:
+            y = online
+        elif c.aggregation == "residual":
+            y = online + mem.read(st.ckpts.sum(2), q)
+        else:
+            count = pos % c.segment_size + 1
+            y = self._step_gated(M, online, q, u[:, :, 0], key_sum / count, st)
+        if (pos + 1) % c.segment_size == 0:
+            if c.caches_checkpoints:
+                st.append_checkpoint(M, key_sum / c.segment_size)
+            key_sum = torch.zeros_like(key_sum)
+            if c.boundary == "reset":
+                M = torch.zeros_like(M)
+        st.online, st.key_sum = M, key_sum
+        return self.finish(y[:, :, None], gate, x)
+
+    def _step_gated(self, M, online, q, u, online_summary, st: LayerState):
+        c, mem = self.config, self.memory
+        online_r = self._score(u, online_summary)
+        cached_r = (st.summaries @ u[..., None])[..., 0] * c.score_scale
+        ckpts = st.ckpts
+        if c.aggregation == "ssc" and cached_r.shape[-1] > c.ssc_top_k:
+            # Read only the selected checkpoints.
+            cached_r, index = ssc_topk(cached_r, c.ssc_top_k)
+            ckpts = ckpts.gather(2, index[..., None, None].expand(-1, -1, -1, *ckpts.shape[-2:]))
+        g_cached, g_online = gate_weights(cached_r, online_r, None, c.aggregation, c.ssc_top_k)
+        if c.aggregation == "soup":
+            states = torch.cat([ckpts, M[:, :, None]], dim=2)
+            return mem.read(mem.mix(states, torch.cat([g_cached, g_online[..., None]], -1)), q)
+        # sum_i g_i C_i^T q as one [1, n*dk] @ [n*dk, dv] product per head.
+        weighted_q = (g_cached[..., None] * q[:, :, None, :]).flatten(2)[:, :, None, :]
+        return g_online[..., None] * online + (weighted_q @ ckpts.flatten(2, 3))[:, :, 0]

@@ -1,0 +1,156 @@
+"""The MC language model: embeddings, blocks of (MC mixer, SwiGLU), the LM head.
+
+Public paths (all over the same weights, and tested to agree):
+    model.forward(tokens)              parallel/chunked, batched, differentiable
+    model.naive_forward(tokens)        token loop straight from the equations
+    state = model.new_state(batch)
+    model.prefill(tokens, state)       chunked, from any state; updates it
+    model.decode(tokens, state)        one token per sequence; updates it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mixer import MCMixer
+from .state import MCState, StateError
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MCMixer(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, mix) -> torch.Tensor:
+        x = x + mix(self.mixer, self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MCModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tokenizer = None  # set by models.load / the trainer (models.tokenizer.Tokenizer)
+        self._fingerprint: str | None = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() == 2 and "decay" not in name and "conv" not in name:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    # --- public paths ----------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,V], from an empty state (training, scoring)."""
+        return self.prefill(tokens, self.new_state(self._batch(tokens)))
+
+    def naive_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,V] by the reference token loop."""
+        self._batch(tokens)
+        return self._run(tokens, lambda mixer, x: mixer.naive(x))
+
+    def new_state(self, batch: int) -> MCState:
+        device = self.embed.weight.device
+        return MCState([blk.mixer.new_state(batch, device) for blk in self.blocks])
+
+    def prefill(self, tokens: torch.Tensor, state: MCState) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,V]; continues `state` from its position and advances it."""
+        self._check_batch(tokens, state)
+        layers, pos = iter(state.layers), state.num_tokens
+        logits = self._run(tokens, lambda mixer, x: mixer.chunked(x, next(layers), pos))
+        state.num_tokens += tokens.shape[1]
+        return logits
+
+    def decode(self, tokens: torch.Tensor, state: MCState) -> torch.Tensor:
+        """One token per sequence, tokens [B] or [B,1] -> logits [B,V]; advances `state`."""
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"decode takes one token per sequence, got shape {tuple(tokens.shape)}")
+        self._check_batch(tokens, state)
+        layers, pos = iter(state.layers), state.num_tokens
+        logits = self._run(tokens, lambda mixer, x: mixer.step(x, next(layers), pos))
+        state.num_tokens += 1
+        return logits[:, 0]
+
+    # --- identity --------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config and every weight (name, dtype, shape, bytes); cached."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.config.to_json().encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                t = tensor.detach().contiguous().cpu()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after changing weights (the trainer does)."""
+        self._fingerprint = None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_state(self, state: MCState, path) -> None:
+        state.save(path, fingerprint=self.fingerprint)
+
+    def load_state(self, path) -> MCState:
+        """Load a state saved by `save_state` for this very model (checked by fingerprint)."""
+        state = MCState.load(path, fingerprint=self.fingerprint, device=self.embed.weight.device)
+        self.check_state(state)
+        return state
+
+    def check_state(self, state: MCState) -> None:
+        expected = self.new_state(state.batch_size)
+        if len(state.layers) != len(expected.layers):
+            raise StateError(f"state has {len(state.layers)} layers, model has {len(expected.layers)}")
+        for i, (got, want) in enumerate(zip(state.layers, expected.layers)):
+            for name, ref in want.tensors().items():
+                t = got.tensors().get(name)
+                shape_ok = t is not None and t.dim() == ref.dim() and all(
+                    a == b for j, (a, b) in enumerate(zip(t.shape, ref.shape)) if not (name in ("ckpts", "summaries") and j == 2))
+                if not shape_ok:
+                    raise StateError(f"state layer {i} tensor {name!r} has shape "
+                                     f"{None if t is None else tuple(t.shape)}, expected {tuple(ref.shape)}")
+
+    # --- internals -------------------------------------------------------------------------
+    def _run(self, tokens: torch.Tensor, mix) -> torch.Tensor:
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, mix)
+        x = self.norm(x)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (x @ head.t()).float()
+
+    @staticmethod
+    def _batch(tokens: torch.Tensor) -> int:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape [batch, time], got {tuple(tokens.shape)}")
+        return tokens.shape[0]
+
+    def _check_batch(self, tokens: torch.Tensor, state: MCState) -> None:
+        if self._batch(tokens) != state.batch_size:
+            raise ValueError(f"tokens have batch {tokens.shape[0]}, state has batch {state.batch_size}")

@@ -1,0 +1,80 @@
+"""Tokenizer and chat template: a thin wrapper over HuggingFace `tokenizers` and Jinja2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END]
+
+# ChatML, as used by Qwen and many others.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Encode/decode text and render chats; `eos_ids` are the tokens that end a generation."""
+
+    def __init__(self, hf: HFTokenizer, chat_template: str | None = None):
+        self.hf = hf
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self._template = _compile(self.chat_template)
+        self.eos_ids = sorted({i for t in ("<|endoftext|>", IM_END) if (i := hf.token_to_id(t)) is not None})
+
+    @classmethod
+    def from_file(cls, path: str | Path, chat_template: str | None = None) -> "Tokenizer":
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+        return cls(hf, chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    def save(self, directory: Path) -> None:
+        self.hf.save(str(directory / "tokenizer.json"))
+        (directory / "chat_template.jinja").write_text(self.chat_template)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with no merges (256 bytes + the ChatML specials); for tests and
+    for training a tokenizer-free baseline."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(SPECIAL_TOKENS)
+    return Tokenizer(hf)
+
+
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template is not valid Jinja: {e}") from None
