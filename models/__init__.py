@@ -15,6 +15,8 @@ Public API, used by the engine, the trainer and the tests:
     model.fingerprint                               # hash of config + weights
 """
 
+from pathlib import Path
+
 from .config import AGGREGATIONS, BOUNDARIES, MEMORIES, ConfigError, ModelConfig
 from .io import ModelLoadError, build, load, read_config, save
 from .model import MCModel
@@ -24,5 +26,12 @@ from .tokenizer import Tokenizer, TokenizerError, byte_tokenizer
 __all__ = [
     "AGGREGATIONS", "BOUNDARIES", "MEMORIES", "ConfigError", "ModelConfig", "ModelLoadError",
     "build", "load", "read_config", "save", "MCModel", "LayerState", "MCState", "StateError",
-    "Tokenizer", "TokenizerError", "byte_tokenizer",
+    "Tokenizer", "TokenizerError", "byte_tokenizer", "DEFAULT_MODEL", "default_model_path",
 ]
+
+DEFAULT_MODEL = "mc-gla-grm-small"
+
+
+def default_model_path() -> Path:
+    """The bundled model, shipped inside the package (models/weights/)."""
+    return Path(__file__).parent / "weights" / DEFAULT_MODEL

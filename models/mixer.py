@@ -132,35 +132,47 @@ class MCMixer(nn.Module):
     # --- path 2: chunked parallel form from any state --------------------------------------
     def chunked(self, x: torch.Tensor, st: LayerState, pos: int) -> torch.Tensor:
         """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated)."""
-        c, mem = self.config, self.memory
-        B, T, _ = x.shape
+        c = self.config
+        T = x.shape[1]
         q, k, v, u, log_a, beta, gate, st.conv_tail = self.project(x, st.conv_tail)
-        L, S = self.chunk_size, c.segment_size
         # Pad so chunks tile absolute positions [base, base + N*L). Padded tokens have
         # k = v = 0, a = 1, b = 0: they leave the state untouched, and their outputs are dropped.
+        L = self.chunk_size
         front = pos % L
         N = -(-(front + T) // L)
-        back = N * L - front - T
-        chunks = lambda t: F.pad(t, (0, 0, front, back)).unflatten(2, (N, L))  # noqa: E731
-        q, k, v = chunks(q), chunks(k), chunks(v)
-        u = chunks(u) if u is not None else None
-        log_a = F.pad(log_a, (front, back)).unflatten(2, (N, L))
-        beta = F.pad(beta, (front, back)).unflatten(2, (N, L)) if beta is not None else None
-        terms = mem.chunk_terms(q, k, v, log_a, beta)
+        pad = lambda t: None if t is None else F.pad(  # noqa: E731
+            t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
+        q, k, v, u, log_a, beta = map(pad, (q, k, v, u, log_a, beta))
+        terms = self.memory.chunk_terms(q, k, v, log_a, beta)
+        online, key_sum_at_start, visible = self._scan(terms, k, st, pos - front, pos + T)
 
-        base, n0 = pos - front, st.ckpts.shape[2]
+        if c.aggregation == "none" or st.ckpts.shape[2] == 0:
+            y = online
+        elif c.aggregation == "residual":
+            y = online + self._chunked_residual(q, st.ckpts, visible)
+        else:
+            y = self._chunked_gated(q, u, k, online, st, visible, key_sum_at_start, pos - front)
+        y = y.flatten(2, 3)[:, :, front:front + T]
+        return self.finish(y, gate, x)
+
+    def _scan(self, terms, k, st: LayerState, base: int, end_of_input: int):
+        """Carry the state chunk by chunk (the only sequential part), caching a checkpoint at
+        every segment end. Returns the online read-outs [B,H,N,L,dv], the key sum entering each
+        chunk [B,H,N,dk], and how many checkpoints each chunk can see."""
+        c = self.config
+        L, S, N = self.chunk_size, c.segment_size, k.shape[2]
         M, key_sum = st.online, st.key_sum
-        online_out, key_sum_at_start, visible = [], [], []
+        online, key_sum_at_start, visible = [], [], []
         new_ckpts, new_summaries = [], []
         k_chunk_sums = k.sum(dim=3)
         for n in range(N):
-            out, M = mem.chunk_advance(terms, n, M)
-            online_out.append(out)
+            out, M = self.memory.chunk_advance(terms, n, M)
+            online.append(out)
             key_sum_at_start.append(key_sum)
-            visible.append(n0 + len(new_ckpts))
+            visible.append(st.ckpts.shape[2] + len(new_ckpts))
             key_sum = key_sum + k_chunk_sums[:, :, n]
             end = base + (n + 1) * L
-            if end % S == 0 and end <= pos + T:  # a segment finished inside this call
+            if end % S == 0 and end <= end_of_input:  # a segment finished inside this call
                 if c.caches_checkpoints:
                     new_ckpts.append(M)
                     new_summaries.append(key_sum / S)
@@ -168,21 +180,10 @@ class MCMixer(nn.Module):
                 if c.boundary == "reset":
                     M = torch.zeros_like(M)
         st.online, st.key_sum = M, key_sum
-        online = torch.stack(online_out, dim=2)  # [B,H,N,L,dv]
-        cached = (torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2) if new_ckpts else st.ckpts)
-        summaries = (torch.cat([st.summaries, torch.stack(new_summaries, 2)], 2)
-                     if new_summaries else st.summaries)
-        st.ckpts, st.summaries = cached, summaries
-
-        if c.aggregation == "none" or cached.shape[2] == 0:
-            y = online
-        elif c.aggregation == "residual":
-            y = online + self._chunked_residual(q, cached, visible)
-        else:
-            y = self._chunked_gated(q, u, k, online, cached, summaries, visible,
-                                    torch.stack(key_sum_at_start, 2), base)
-        y = y.flatten(2, 3)[:, :, front:front + T]
-        return self.finish(y, gate, x)
+        if new_ckpts:
+            st.ckpts = torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2)
+            st.summaries = torch.cat([st.summaries, torch.stack(new_summaries, 2)], 2)
+        return torch.stack(online, dim=2), torch.stack(key_sum_at_start, 2), visible
 
     def _chunked_residual(self, q, cached, visible):
         # Linear read-out: sum_i C_i^T q = (sum_i C_i)^T q, with a prefix sum over checkpoints.
@@ -190,8 +191,9 @@ class MCMixer(nn.Module):
         sums = prefix[:, :, visible]  # [B,H,N,dk,dv]
         return q @ sums
 
-    def _chunked_gated(self, q, u, k, online, cached, summaries, visible, key_sum_at_start, base):
+    def _chunked_gated(self, q, u, k, online, st: LayerState, visible, key_sum_at_start, base):
         c = self.config
+        cached, summaries = st.ckpts, st.summaries
         B, H, N, L, dk = q.shape
         S = c.segment_size
         # Online summary: running mean of this segment's keys up to and including t.

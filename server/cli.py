@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 class CLIError(Exception):
@@ -26,17 +27,113 @@ def cmd_info(args: argparse.Namespace) -> None:
     }, indent=2))
 
 
+def load_model(path: str | None):
+    import models
+    try:
+        return models.load(path or models.default_model_path())
+    except (models.ModelLoadError, OSError) as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine.generate import generate_ids, stream_text
+    from engine.sampling import SamplingError, SamplingParams
+    model = load_model(args.model)
+    tok = model.tokenizer
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+                                stop_token_ids=tuple(tok.eos_ids))
+    except SamplingError as e:
+        raise CLIError(str(e)) from None
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        text = args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise CLIError("the prompt is empty")
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    for piece in stream_text(tok, generate_ids(model, ids, params)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from models.config import ConfigError
+    from models.train import TrainConfig, Trainer
+    overrides = dict(parse_assignment(a) for a in args.set)
+    if args.config:
+        try:
+            overrides = {**json.loads(Path(args.config).read_text()), **overrides}
+        except (OSError, json.JSONDecodeError) as e:
+            raise CLIError(f"cannot read --config {args.config}: {e}") from None
+        overrides.pop("vocab_size", None)
+    options = {k: v for k, v in vars(args).items() if k in TRAIN_OPTIONS and v is not None}
+    try:
+        cfg = TrainConfig(data=args.data, out=args.out, model=overrides, **options)
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    summary = trainer.train()
+    print(json.dumps(summary))
+
+
+TRAIN_OPTIONS = {"tokenizer": str, "vocab_size": int, "steps": int, "batch_size": int, "seq_len": int,
+                 "lr": float, "min_lr_ratio": float, "warmup": int, "weight_decay": float,
+                 "grad_clip": float, "dtype": str, "val_fraction": float, "val_every": int,
+                 "val_batches": int, "ckpt_every": int, "seed": int, "device": str}
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise CLIError(f"--set takes key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as memory=gla
+    return key.strip(), value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcserve", description="Memory Caching LM server")
     sub = parser.add_subparsers(dest="command", required=True)
+
     info = sub.add_parser("info", help="show a model's config, size and fingerprint")
     info.add_argument("model", help="model directory")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="model directory (default: the bundled model)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--chat", action="store_true", help="render the prompt as a user turn of the chat template")
+    gen.add_argument("--system", help="system message for --chat")
+    gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train an MC model on text files")
+    train.add_argument("data", nargs="+", help="UTF-8 text files")
+    train.add_argument("--out", required=True, help="output directory (a loadable model + train state)")
+    train.add_argument("--config", help="JSON file of model config keys")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model config key, e.g. --set memory=gla --set segment_size=64")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    for name, kind in TRAIN_OPTIONS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    train.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad options: argparse prints usage + one line, exit 2
     try:
         args.func(args)
     except CLIError as e:
