@@ -3,10 +3,13 @@
 - `naive`: a token loop written straight from the equations (DESIGN.md section 1), the reference;
 - `chunked`: the parallel form over a whole chunk of tokens, starting from any state (training,
   prefill); chunks never straddle a segment boundary, so checkpoints fall out at chunk ends;
-- `step`: one token for a batch of states (decode), vectorised over the cached checkpoints.
+- `step`: one token for a batch of states (decode), vectorised over the cached checkpoints;
+  `decode_step` is its read-out alone, for callers (the engine) that keep their own checkpoints.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,27 @@ def pick_chunk_size(segment_size: int, target: int = MAX_CHUNK) -> int:
         return segment_size
     best = max(d for d in range(1, target + 1) if segment_size % d == 0)
     return best if best >= 16 else segment_size
+
+
+@dataclass
+class Projected:
+    """One layer's per-token inputs for a span of T tokens (heads first)."""
+    q: torch.Tensor                  # [B,H,T,dk], L2-normalised
+    k: torch.Tensor                  # [B,H,T,dk], L2-normalised
+    v: torch.Tensor                  # [B,H,T,dv]
+    u: torch.Tensor | None           # [B,H,T,dk], the connector that scores segments
+    log_a: torch.Tensor              # [B,H,T], log decay (0 without decay)
+    beta: torch.Tensor | None        # [B,H,T], delta write strength
+    gate: torch.Tensor               # [B,T,H*dv], output gate (pre-sigmoid)
+    conv_tail: torch.Tensor | None   # [B,W-1,C], conv inputs after the span
+    conv_window: torch.Tensor | None  # [B,W-1+T,C], old tail + the span's conv inputs
+
+    def conv_tail_at(self, offset: int) -> torch.Tensor | None:
+        """The conv tail after the first `offset` tokens of the span (for a checkpoint there)."""
+        if self.conv_window is None:
+            return None
+        width = self.conv_window.shape[1] - self.q.shape[2]
+        return self.conv_window[:, offset:offset + width]
 
 
 class MCMixer(nn.Module):
@@ -51,24 +75,27 @@ class MCMixer(nn.Module):
         return LayerState(
             online=zeros(batch, H, dk, dv), key_sum=zeros(batch, H, dk),
             ckpts=zeros(batch, H, 0, dk, dv), summaries=zeros(batch, H, 0, dk),
-            conv_tail=self.conv.new_tail(batch, device) if self.conv else None)
+            conv_tail=self.conv.new_tail(batch, device) if self.conv else None,
+            ckpt_conv=zeros(batch, 0, *self.conv.new_tail(1).shape[1:]) if self.conv else None)
 
-    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None):
-        """x [B,T,d] -> q, k [B,H,T,dk] (L2-normalised), v [B,H,T,dv], u [B,H,T,dk] or None,
-        log_a [B,H,T], beta [B,H,T] or None, the output gate [B,T,H*dv] and the new conv tail."""
+    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
         c = self.config
         H, dk, dv = c.n_heads, c.dk, c.dv
         parts = self.in_proj(x).split(self.splits, dim=-1)
         qkv, gate = torch.cat(parts[:3], dim=-1), parts[3]
+        conv_window = None
         if self.conv is not None:
+            conv_window = torch.cat([conv_tail.to(qkv.dtype), qkv], dim=1)
             qkv, conv_tail = self.conv(qkv, conv_tail)
         q, k, v = qkv.float().split(self.splits[:3], dim=-1)
         heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
-        q = F.normalize(heads(q, dk), dim=-1, eps=1e-6)
-        k = F.normalize(heads(k, dk), dim=-1, eps=1e-6)
-        u = heads(parts[4].float(), dk) if c.scores_segments else None
         log_a, beta = self.memory.gates(x)
-        return q, k, heads(v, dv), u, log_a, beta, gate, conv_tail
+        return Projected(
+            q=F.normalize(heads(q, dk), dim=-1, eps=1e-6),
+            k=F.normalize(heads(k, dk), dim=-1, eps=1e-6),
+            v=heads(v, dv),
+            u=heads(parts[4].float(), dk) if c.scores_segments else None,
+            log_a=log_a, beta=beta, gate=gate, conv_tail=conv_tail, conv_window=conv_window)
 
     def finish(self, y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y [B,H,T,dv] -> per-head RMSNorm, output gate, W_o -> [B,T,d]."""
@@ -83,7 +110,8 @@ class MCMixer(nn.Module):
         c, mem = self.config, self.memory
         B, T, _ = x.shape
         st = self.new_state(B, x.device)
-        q, k, v, u, log_a, beta, gate, _ = self.project(x, st.conv_tail)
+        p = self.project(x, st.conv_tail)
+        q, k, v, u, log_a, beta = p.q, p.k, p.v, p.u, p.log_a, p.beta
         M, key_sum, count = st.online, st.key_sum, 0
         ckpts: list[torch.Tensor] = []
         summaries: list[torch.Tensor] = []
@@ -107,7 +135,7 @@ class MCMixer(nn.Module):
                 key_sum, count = torch.zeros_like(key_sum), 0
                 if c.boundary == "reset":
                     M = torch.zeros_like(M)
-        return self.finish(torch.stack(outs, dim=2), gate, x)
+        return self.finish(torch.stack(outs, dim=2), p.gate, x)
 
     def _naive_gated_read(self, M, ckpts, summaries, q_t, u_t, online_summary):
         c, mem = self.config, self.memory
@@ -134,7 +162,8 @@ class MCMixer(nn.Module):
         """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated)."""
         c = self.config
         T = x.shape[1]
-        q, k, v, u, log_a, beta, gate, st.conv_tail = self.project(x, st.conv_tail)
+        p = self.project(x, st.conv_tail)
+        st.conv_tail = p.conv_tail
         # Pad so chunks tile absolute positions [base, base + N*L). Padded tokens have
         # k = v = 0, a = 1, b = 0: they leave the state untouched, and their outputs are dropped.
         L = self.chunk_size
@@ -142,9 +171,9 @@ class MCMixer(nn.Module):
         N = -(-(front + T) // L)
         pad = lambda t: None if t is None else F.pad(  # noqa: E731
             t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
-        q, k, v, u, log_a, beta = map(pad, (q, k, v, u, log_a, beta))
+        q, k, v, u, log_a, beta = map(pad, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
         terms = self.memory.chunk_terms(q, k, v, log_a, beta)
-        online, key_sum_at_start, visible = self._scan(terms, k, st, pos - front, pos + T)
+        online, key_sum_at_start, visible = self._scan(terms, k, st, p, pos - front, pos)
 
         if c.aggregation == "none" or st.ckpts.shape[2] == 0:
             y = online
@@ -153,9 +182,9 @@ class MCMixer(nn.Module):
         else:
             y = self._chunked_gated(q, u, k, online, st, visible, key_sum_at_start, pos - front)
         y = y.flatten(2, 3)[:, :, front:front + T]
-        return self.finish(y, gate, x)
+        return self.finish(y, p.gate, x)
 
-    def _scan(self, terms, k, st: LayerState, base: int, end_of_input: int):
+    def _scan(self, terms, k, st: LayerState, p: Projected, base: int, pos: int):
         """Carry the state chunk by chunk (the only sequential part), caching a checkpoint at
         every segment end. Returns the online read-outs [B,H,N,L,dv], the key sum entering each
         chunk [B,H,N,dk], and how many checkpoints each chunk can see."""
@@ -163,8 +192,9 @@ class MCMixer(nn.Module):
         L, S, N = self.chunk_size, c.segment_size, k.shape[2]
         M, key_sum = st.online, st.key_sum
         online, key_sum_at_start, visible = [], [], []
-        new_ckpts, new_summaries = [], []
+        new_ckpts, new_summaries, new_convs = [], [], []
         k_chunk_sums = k.sum(dim=3)
+        end_of_input = pos + p.q.shape[2]
         for n in range(N):
             out, M = self.memory.chunk_advance(terms, n, M)
             online.append(out)
@@ -176,6 +206,7 @@ class MCMixer(nn.Module):
                 if c.caches_checkpoints:
                     new_ckpts.append(M)
                     new_summaries.append(key_sum / S)
+                    new_convs.append(p.conv_tail_at(end - pos))
                 key_sum = torch.zeros_like(key_sum)
                 if c.boundary == "reset":
                     M = torch.zeros_like(M)
@@ -183,6 +214,8 @@ class MCMixer(nn.Module):
         if new_ckpts:
             st.ckpts = torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2)
             st.summaries = torch.cat([st.summaries, torch.stack(new_summaries, 2)], 2)
+            if st.ckpt_conv is not None:
+                st.ckpt_conv = torch.cat([st.ckpt_conv, torch.stack(new_convs, 1)], 1)
         return torch.stack(online, dim=2), torch.stack(key_sum_at_start, 2), visible
 
     def _chunked_residual(self, q, cached, visible):
@@ -222,36 +255,54 @@ class MCMixer(nn.Module):
     # --- path 3: one decode step -----------------------------------------------------------
     def step(self, x: torch.Tensor, st: LayerState, pos: int) -> torch.Tensor:
         """One token x [B,1,d] at absolute position `pos` for every sequence of `st` (updated)."""
-        c, mem = self.config, self.memory
-        q, k, v, u, log_a, beta, gate, st.conv_tail = self.project(x, st.conv_tail)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        M = mem.update(st.online, k, v, log_a[:, :, 0], beta[:, :, 0] if beta is not None else None)
-        key_sum = st.key_sum + k
-        online = mem.read(M, q)
-        n = st.ckpts.shape[2]
-        if c.aggregation == "none" or n == 0:
-            y = online
-        elif c.aggregation == "residual":
-            y = online + mem.read(st.ckpts.sum(2), q)
-        else:
-            count = pos % c.segment_size + 1
-            y = self._step_gated(M, online, q, u[:, :, 0], key_sum / count, st)
+        c = self.config
+        y, M, key_sum = self.decode_step(x, st, pos)
         if (pos + 1) % c.segment_size == 0:
             if c.caches_checkpoints:
-                st.append_checkpoint(M, key_sum / c.segment_size)
+                st.append_checkpoint(M, key_sum / c.segment_size, st.conv_tail)
             key_sum = torch.zeros_like(key_sum)
             if c.boundary == "reset":
                 M = torch.zeros_like(M)
         st.online, st.key_sum = M, key_sum
-        return self.finish(y[:, :, None], gate, x)
+        return y
 
-    def _step_gated(self, M, online, q, u, online_summary, st: LayerState):
+    def decode_step(self, x: torch.Tensor, st: LayerState, pos: int | torch.Tensor):
+        """The read-out of one token per sequence, without the segment-end bookkeeping.
+
+        `pos` is one position for all, or a LongTensor [B] (the engine batches sequences at
+        different positions); `st.ckpt_mask` [B,n] marks real checkpoints when sequences have
+        different numbers (padded entries must hold finite values, e.g. zeros). Updates the conv
+        tail; returns (output [B,1,d], online state after the token, key sum after the token).
+        """
+        c, mem = self.config, self.memory
+        p = self.project(x, st.conv_tail)
+        st.conv_tail = p.conv_tail
+        q, k, v = p.q[:, :, 0], p.k[:, :, 0], p.v[:, :, 0]
+        M = mem.update(st.online, k, v, p.log_a[:, :, 0], p.beta[:, :, 0] if p.beta is not None else None)
+        key_sum = st.key_sum + k
+        online = mem.read(M, q)
+        mask = st.ckpt_mask[:, None, :] if st.ckpt_mask is not None else None  # [B,1,n]
+        if c.aggregation == "none" or st.ckpts.shape[2] == 0:
+            y = online
+        elif c.aggregation == "residual":
+            ckpts = st.ckpts if mask is None else st.ckpts * mask[..., None, None]
+            y = online + mem.read(ckpts.sum(2), q)
+        else:
+            count = pos % c.segment_size + 1
+            if isinstance(count, torch.Tensor):
+                count = count.view(-1, 1, 1).to(key_sum.dtype)
+            y = self._step_gated(M, online, q, p.u[:, :, 0], key_sum / count, st, mask)
+        return self.finish(y[:, :, None], p.gate, x), M, key_sum
+
+    def _step_gated(self, M, online, q, u, online_summary, st: LayerState, mask):
         c, mem = self.config, self.memory
         online_r = self._score(u, online_summary)
         cached_r = (st.summaries @ u[..., None])[..., 0] * c.score_scale
+        if mask is not None:
+            cached_r = cached_r.masked_fill(~mask, float("-inf"))
         ckpts = st.ckpts
         if c.aggregation == "ssc" and cached_r.shape[-1] > c.ssc_top_k:
-            # Read only the selected checkpoints.
+            # Read only the selected checkpoints (hidden ones score -inf and weigh 0).
             cached_r, index = ssc_topk(cached_r, c.ssc_top_k)
             ckpts = ckpts.gather(2, index[..., None, None].expand(-1, -1, -1, *ckpts.shape[-2:]))
         g_cached, g_online = gate_weights(cached_r, online_r, None, c.aggregation, c.ssc_top_k)

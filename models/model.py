@@ -89,6 +89,27 @@ class MCModel(nn.Module):
         state.num_tokens += 1
         return logits[:, 0]
 
+    def rewind(self, state: MCState, n_checkpoints: int) -> MCState:
+        """A new state at the end of segment `n_checkpoints` of `state`, rebuilt from its
+        checkpoints alone (0 gives the empty state). Continuing it equals continuing the
+        original sequence from that position."""
+        if not 0 <= n_checkpoints <= state.num_checkpoints:
+            raise ValueError(f"cannot rewind to checkpoint {n_checkpoints}: the state has {state.num_checkpoints}")
+        fresh = self.new_state(state.batch_size)
+        if n_checkpoints == 0:
+            return fresh
+        last = n_checkpoints - 1
+        for old, new in zip(state.layers, fresh.layers):
+            new.ckpts = old.ckpts[:, :, :n_checkpoints].clone()
+            new.summaries = old.summaries[:, :, :n_checkpoints].clone()
+            if self.config.boundary == "carry":  # the online memory continues from the checkpoint
+                new.online = old.ckpts[:, :, last].clone()
+            if old.ckpt_conv is not None:
+                new.ckpt_conv = old.ckpt_conv[:, :n_checkpoints].clone()
+                new.conv_tail = old.ckpt_conv[:, last].clone()
+        fresh.num_tokens = n_checkpoints * self.config.segment_size
+        return fresh
+
     # --- identity --------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
@@ -125,8 +146,9 @@ class MCModel(nn.Module):
         for i, (got, want) in enumerate(zip(state.layers, expected.layers)):
             for name, ref in want.tensors().items():
                 t = got.tensors().get(name)
+                growing = {"ckpts": 2, "summaries": 2, "ckpt_conv": 1}.get(name)  # the checkpoint axis
                 shape_ok = t is not None and t.dim() == ref.dim() and all(
-                    a == b for j, (a, b) in enumerate(zip(t.shape, ref.shape)) if not (name in ("ckpts", "summaries") and j == 2))
+                    a == b for j, (a, b) in enumerate(zip(t.shape, ref.shape)) if j != growing)
                 if not shape_ok:
                     raise StateError(f"state layer {i} tensor {name!r} has shape "
                                      f"{None if t is None else tuple(t.shape)}, expected {tuple(ref.shape)}")

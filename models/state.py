@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-STATE_FORMAT = "mcserve.state.v1"
+STATE_FORMAT = "mcserve.state.v2"
 
 
 class StateError(ValueError):
@@ -29,17 +29,22 @@ class LayerState:
     ckpts: torch.Tensor                # [B,H,n,dk,dv], one per finished segment
     summaries: torch.Tensor            # [B,H,n,dk], mean key of each finished segment
     conv_tail: torch.Tensor | None     # [B,W-1,C] inputs of the short conv, None if off
+    # The conv tail at each checkpoint's boundary: with the checkpoint it is everything needed
+    # to restart a sequence there (prefix reuse, a session that diverges).
+    ckpt_conv: torch.Tensor | None = None  # [B,n,W-1,C]
+    ckpt_mask: torch.Tensor | None = None  # [B,n] bool, engine batches only; never saved
 
     def tensors(self) -> dict[str, torch.Tensor]:
         named = {"online": self.online, "key_sum": self.key_sum,
-                 "ckpts": self.ckpts, "summaries": self.summaries}
-        if self.conv_tail is not None:
-            named["conv_tail"] = self.conv_tail
-        return named
+                 "ckpts": self.ckpts, "summaries": self.summaries,
+                 "conv_tail": self.conv_tail, "ckpt_conv": self.ckpt_conv}
+        return {k: v for k, v in named.items() if v is not None}
 
-    def append_checkpoint(self, ckpt: torch.Tensor, summary: torch.Tensor) -> None:
+    def append_checkpoint(self, ckpt: torch.Tensor, summary: torch.Tensor, conv: torch.Tensor | None) -> None:
         self.ckpts = torch.cat([self.ckpts, ckpt[:, :, None]], dim=2)
         self.summaries = torch.cat([self.summaries, summary[:, :, None]], dim=2)
+        if self.ckpt_conv is not None:
+            self.ckpt_conv = torch.cat([self.ckpt_conv, conv[:, None]], dim=1)
 
 
 @dataclass
@@ -101,4 +106,4 @@ def _layer_from(tensors: dict[str, torch.Tensor], i: int, path: Path) -> LayerSt
             raise StateError(f"{path}: tensor {key!r} is missing")
         return tensors.get(key)
     return LayerState(get("online"), get("key_sum"), get("ckpts"), get("summaries"),
-                      get("conv_tail", required=False))
+                      get("conv_tail", required=False), get("ckpt_conv", required=False))

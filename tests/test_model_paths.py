@@ -25,6 +25,14 @@ def run_split(model, toks, prefill_cuts, decode_from):
     return torch.cat(outs, dim=1), state
 
 
+def assert_same_state(a, b):
+    """Every tensor of the two states (checkpoints, summaries, conv tails...) agrees."""
+    for layer_a, layer_b in zip(a.layers, b.layers):
+        tb = layer_b.tensors()
+        for name, t in layer_a.tensors().items():
+            assert t.shape == tb[name].shape and max_err(t, tb[name]) < TOL, name
+
+
 @pytest.mark.parametrize("memory,aggregation,boundary", COMBOS)
 @torch.no_grad()
 def test_paths_agree(memory, aggregation, boundary):
@@ -32,12 +40,15 @@ def test_paths_agree(memory, aggregation, boundary):
     toks = tokens(batch=3, length=27)  # segment 5: 5 full segments and a partial one
     reference = model.naive_forward(toks)
     assert max_err(model(toks), reference) < TOL
+    whole = model.new_state(3)
+    model.prefill(toks, whole)
     rng = random.Random(f"{memory}{aggregation}{boundary}")
     for _ in range(3):
         decode_from = rng.randint(1, 26)
         cuts = rng.sample(range(1, decode_from), k=min(3, decode_from - 1))
         logits, state = run_split(model, toks, cuts, decode_from)
         assert max_err(logits, reference) < TOL, (cuts, decode_from)
+        assert_same_state(state, whole)
         assert state.num_tokens == 27
         assert state.num_checkpoints == (5 if aggregation != "none" else 0)
 

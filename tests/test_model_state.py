@@ -81,5 +81,25 @@ def test_state_size_grows_by_one_checkpoint_per_segment():
     with torch.no_grad():
         model.prefill(tokens(1, 10), state)
     c = model.config
-    per_ckpt = c.n_layers * c.n_heads * (c.dk * c.dv + c.dk) * 4
+    conv_tail = (c.conv_size - 1) * c.n_heads * (2 * c.dk + c.dv)
+    per_ckpt = c.n_layers * (c.n_heads * (c.dk * c.dv + c.dk) + conv_tail) * 4
     assert state.nbytes() - empty == 2 * per_ckpt
+
+
+@pytest.mark.parametrize("boundary", ["carry", "reset"])
+@pytest.mark.parametrize("memory,aggregation", [("gla", "grm"), ("delta", "residual"), ("linear", "ssc")])
+@torch.no_grad()
+def test_rewind_to_a_checkpoint_then_continue_equals_uninterrupted(memory, aggregation, boundary):
+    model = tiny_model(memory=memory, aggregation=aggregation, boundary=boundary)
+    toks = tokens(2, 28)
+    uninterrupted = model(toks)
+    state = model.new_state(2)
+    model.prefill(toks[:, :23], state)  # 4 checkpoints
+    for n in (0, 2, 4):
+        rewound = model.rewind(state, n)
+        start = n * model.config.segment_size
+        assert rewound.num_tokens == start and rewound.num_checkpoints == n
+        logits = model.prefill(toks[:, start:], rewound)
+        assert max_err(logits, uninterrupted[:, start:]) < 1e-4
+    with pytest.raises(ValueError, match="cannot rewind"):
+        model.rewind(state, 5)
