@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import torch
 
 from models import MCModel
-from .sampling import SamplingParams, sample_next
+from .params import SamplingParams
+from .sampler import make_generator, sample_next
 
 
 @torch.inference_mode()
@@ -24,7 +25,7 @@ def generate_ids(model: MCModel, prompt_ids: list[int], params: SamplingParams,
     prompt = torch.tensor([prompt_ids], device=device)
     for start in range(0, prompt.shape[1], prefill_chunk):
         logits = model.prefill(prompt[:, start:start + prefill_chunk], state)[0, -1]
-    generator = params.generator(device)
+    generator = make_generator(params, device)
     for _ in range(params.max_tokens):
         token = sample_next(logits, params, generator)
         if token in params.stop_token_ids:

@@ -63,7 +63,7 @@ class MCModel(nn.Module):
     def naive_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V] by the reference token loop."""
         self._batch(tokens)
-        return self._run(tokens, lambda mixer, x: mixer.naive(x))
+        return self.run_layers(tokens, lambda i, mixer, x: mixer.naive(x))
 
     def new_state(self, batch: int) -> MCState:
         device = self.embed.weight.device
@@ -72,8 +72,8 @@ class MCModel(nn.Module):
     def prefill(self, tokens: torch.Tensor, state: MCState) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V]; continues `state` from its position and advances it."""
         self._check_batch(tokens, state)
-        layers, pos = iter(state.layers), state.num_tokens
-        logits = self._run(tokens, lambda mixer, x: mixer.chunked(x, next(layers), pos))
+        pos = state.num_tokens
+        logits = self.run_layers(tokens, lambda i, mixer, x: mixer.chunked(x, state.layers[i], pos))
         state.num_tokens += tokens.shape[1]
         return logits
 
@@ -84,8 +84,8 @@ class MCModel(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"decode takes one token per sequence, got shape {tuple(tokens.shape)}")
         self._check_batch(tokens, state)
-        layers, pos = iter(state.layers), state.num_tokens
-        logits = self._run(tokens, lambda mixer, x: mixer.step(x, next(layers), pos))
+        pos = state.num_tokens
+        logits = self.run_layers(tokens, lambda i, mixer, x: mixer.step(x, state.layers[i], pos))
         state.num_tokens += 1
         return logits[:, 0]
 
@@ -154,15 +154,18 @@ class MCModel(nn.Module):
                                      f"{None if t is None else tuple(t.shape)}, expected {tuple(ref.shape)}")
 
     # --- internals -------------------------------------------------------------------------
-    def _run(self, tokens: torch.Tensor, mix) -> torch.Tensor:
+    def run_layers(self, tokens: torch.Tensor, mix) -> torch.Tensor:
+        """Embed, run every block with `mix(layer_index, mixer, x)` as its mixer call, and project
+        to logits.
+        The three paths differ only in `mix`; the engine passes its own (pooled states)."""
         if tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, mix)
+        for i, block in enumerate(self.blocks):
+            x = block(x, lambda mixer, h: mix(i, mixer, h))
         x = self.norm(x)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return (x @ head.t()).float()

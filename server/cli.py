@@ -37,7 +37,7 @@ def load_model(path: str | None):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine.generate import generate_ids, stream_text
-    from engine.sampling import SamplingError, SamplingParams
+    from engine.params import SamplingError, SamplingParams
     model = load_model(args.model)
     tok = model.tokenizer
     try:

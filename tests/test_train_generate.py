@@ -10,7 +10,7 @@ import torch
 
 import models
 from engine.generate import generate_ids, stream_text
-from engine.sampling import SamplingError, SamplingParams
+from engine.params import SamplingError, SamplingParams
 from models.train import TrainConfig, Trainer
 
 TEXT = "".join(f"Day {i}. The whale swam under the ship and the sailors watched the sea. " * 3 + "\n\n"

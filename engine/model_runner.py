@@ -1,0 +1,177 @@
+"""ModelRunner: owns every state tensor and runs batched steps over slots and block tables.
+
+Pools (all layers in one tensor each, indexed [layer, id, ...]):
+- checkpoint blocks, one per finished segment of a sequence: `ckpt` [L,N,H,dk,dv] (fp32 or bf16
+  storage, read in fp32), `summary` [L,N,H,dk], `block_conv` [L,N,W-1,C] (the conv tail at the
+  boundary, so a sequence can restart from any block: prefix reuse, session divergence);
+- online slots, one per running sequence: `online` [L,S,H,dk,dv] (fp32), `key_sum` [L,S,H,dk],
+  `conv_tail` [L,S,W-1,C];
+- a host copy of the block pool for swapping (same layout, CPU memory).
+
+The math is the model's own: prefill runs `MCMixer.chunked` on a state gathered from the pools,
+decode runs `MCMixer.decode_step` on a batch gathered through padded block tables; this file
+only moves data in and out of the pools and does the segment-end bookkeeping per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models import MCModel
+from models.state import LayerState
+
+from .config import EngineConfig
+
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ModelRunner:
+    def __init__(self, model: MCModel, config: EngineConfig):
+        self.model, self.config = model.eval(), config
+        c = model.config
+        self.device = model.embed.weight.device
+        self.segment_size = c.segment_size
+        self.carry = c.boundary == "carry"
+        L, H, dk, dv = c.n_layers, c.n_heads, c.dk, c.dv
+        conv = model.blocks[0].mixer.conv
+        conv_shape = (conv.width - 1, conv.weight.shape[0]) if conv is not None else None
+        store = STORAGE_DTYPES[config.ckpt_dtype]
+
+        def pool(n: int, device) -> dict[str, torch.Tensor]:
+            tensors = {"ckpt": torch.zeros(L, n, H, dk, dv, dtype=store, device=device),
+                       "summary": torch.zeros(L, n, H, dk, device=device)}
+            if conv_shape:
+                tensors["block_conv"] = torch.zeros(L, n, *conv_shape, device=device)
+            return tensors
+
+        self.blocks = pool(config.num_device_blocks, self.device)
+        self.host_blocks = pool(config.num_host_blocks, "cpu")
+        S = config.max_num_seqs
+        self.slots = {"online": torch.zeros(L, S, H, dk, dv, device=self.device),
+                      "key_sum": torch.zeros(L, S, H, dk, device=self.device)}
+        if conv_shape:
+            self.slots["conv_tail"] = torch.zeros(L, S, *conv_shape, device=self.device)
+
+    # --- sizes -----------------------------------------------------------------------------
+    def block_nbytes(self) -> int:
+        return sum(t[:, 0].numel() * t.element_size() for t in self.blocks.values())
+
+    def slot_nbytes(self) -> int:
+        return sum(t[:, 0].numel() * t.element_size() for t in self.slots.values())
+
+    # --- slots -----------------------------------------------------------------------------
+    def init_slot(self, slot: int, last_block: int | None) -> None:
+        """Start a slot empty, or at the boundary after `last_block` (a reused prefix)."""
+        for t in self.slots.values():
+            t[:, slot] = 0
+        if last_block is None:
+            return
+        if self.carry:  # the online memory continues from the checkpoint
+            self.slots["online"][:, slot] = self.blocks["ckpt"][:, last_block].float()
+        if "conv_tail" in self.slots:
+            self.slots["conv_tail"][:, slot] = self.blocks["block_conv"][:, last_block]
+
+    def read_slot(self, slot: int) -> dict[str, torch.Tensor]:
+        return {name: t[:, slot].cpu().clone() for name, t in self.slots.items()}
+
+    def write_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in self.slots.items():
+            t[:, slot] = tensors[name].to(t.device)
+
+    # --- blocks ----------------------------------------------------------------------------
+    def read_blocks(self, ids: list[int], tier: str = "device") -> dict[str, torch.Tensor]:
+        pool = self.blocks if tier == "device" else self.host_blocks
+        index = torch.tensor(ids, dtype=torch.long, device=pool["ckpt"].device)
+        return {name: t[:, index].cpu() for name, t in pool.items()}
+
+    def write_blocks(self, ids: list[int], tensors: dict[str, torch.Tensor], tier: str = "device") -> None:
+        pool = self.blocks if tier == "device" else self.host_blocks
+        index = torch.tensor(ids, dtype=torch.long, device=pool["ckpt"].device)
+        for name, t in pool.items():
+            t[:, index] = tensors[name].to(device=t.device, dtype=t.dtype)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]], src: str, dst: str) -> None:
+        """Copy blocks between tiers (swap out: device -> host; swap in: host -> device)."""
+        if pairs:
+            self.write_blocks([d for _, d in pairs], self.read_blocks([s for s, _ in pairs], src), dst)
+
+    # --- steps -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, block_table: list[int], start: int, tokens: list[int],
+                new_blocks: list[int]) -> torch.Tensor:
+        """Read `tokens` at positions [start, start+T) into `slot`; checkpoints of the segments
+        that end inside go to `new_blocks`. Returns the logits of the last token [V]."""
+        n_old = len(block_table)
+        states = [self._gather(i, [slot], [block_table]) for i in range(len(self.model.blocks))]
+        ids = torch.tensor([tokens], device=self.device)
+        logits = self.model.run_layers(ids, lambda i, mixer, x: mixer.chunked(x, states[i], start))
+        for i, st in enumerate(states):
+            if new_blocks:
+                self._write_new_blocks(i, new_blocks, st.ckpts[0, :, n_old:].transpose(0, 1),
+                                       st.summaries[0, :, n_old:].transpose(0, 1),
+                                       st.ckpt_conv[0, n_old:] if st.ckpt_conv is not None else None)
+            self._scatter(i, [slot], st)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], block_tables: list[list[int]], positions: list[int],
+               tokens: list[int], new_blocks: list[int | None]) -> torch.Tensor:
+        """One token per sequence at its own position; a sequence whose segment ends writes its
+        checkpoint to its entry of `new_blocks`. Returns logits [B, V]."""
+        pos = torch.tensor(positions, device=self.device)
+        ends = [b for b, blk in enumerate(new_blocks) if blk is not None]
+        end_blocks = [new_blocks[b] for b in ends]
+        S = self.segment_size
+
+        def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
+            st = self._gather(i, slots, block_tables)
+            y, M, key_sum = mixer.decode_step(x, st, pos)
+            if ends:
+                conv = st.conv_tail[ends] if st.conv_tail is not None else None
+                self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)
+                key_sum[ends] = 0
+                if not self.carry:
+                    M[ends] = 0
+            st.online, st.key_sum = M, key_sum
+            self._scatter(i, slots, st)
+            return y
+
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        return self.model.run_layers(ids, mix)[:, 0]
+
+    # --- gather / scatter ------------------------------------------------------------------
+    def _gather(self, layer: int, slots: list[int], tables: list[list[int]]) -> LayerState:
+        """A batch LayerState: slot states, and checkpoints through block tables padded to the
+        longest (pads point at block 0 and are masked out)."""
+        slot_index = torch.tensor(slots, device=self.device)
+        longest = max((len(t) for t in tables), default=0)
+        table = torch.tensor([t + [0] * (longest - len(t)) for t in tables], dtype=torch.long,
+                             device=self.device).view(len(tables), longest)
+        mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(
+            [len(t) for t in tables], device=self.device)[:, None]
+        ckpts = self.blocks["ckpt"][layer][table].float().transpose(1, 2)          # [B,H,n,dk,dv]
+        summaries = self.blocks["summary"][layer][table].transpose(1, 2)           # [B,H,n,dk]
+        conv = self.blocks.get("block_conv")
+        return LayerState(
+            online=self.slots["online"][layer][slot_index],
+            key_sum=self.slots["key_sum"][layer][slot_index],
+            ckpts=ckpts, summaries=summaries,
+            conv_tail=self.slots["conv_tail"][layer][slot_index] if "conv_tail" in self.slots else None,
+            ckpt_conv=conv[layer][table] if conv is not None else None,
+            ckpt_mask=None if bool(mask.all()) else mask)
+
+    def _scatter(self, layer: int, slots: list[int], st: LayerState) -> None:
+        index = torch.tensor(slots, device=self.device)
+        self.slots["online"][layer][index] = st.online
+        self.slots["key_sum"][layer][index] = st.key_sum
+        if "conv_tail" in self.slots:
+            self.slots["conv_tail"][layer][index] = st.conv_tail
+
+    def _write_new_blocks(self, layer: int, ids: list[int], ckpts: torch.Tensor, summaries: torch.Tensor,
+                          convs: torch.Tensor | None) -> None:
+        """ckpts [n,H,dk,dv], summaries [n,H,dk], convs [n,W-1,C] -> pool rows `ids`."""
+        index = torch.tensor(ids, device=self.device)
+        self.blocks["ckpt"][layer][index] = ckpts.to(self.blocks["ckpt"].dtype)
+        self.blocks["summary"][layer][index] = summaries
+        if convs is not None:
+            self.blocks["block_conv"][layer][index] = convs
