@@ -14,22 +14,34 @@ class SamplingParams:
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0          # 0: off
-    min_p: float = 0.0      # 0: off
+    top_k: int = 0                 # 0: off
+    min_p: float = 0.0             # 0: off
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: subtract once per token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the output
+    repetition_penalty: float = 1.0  # HF/vLLM: divide positive (multiply negative) logits of seen tokens
+    stop: tuple[str, ...] = ()     # stop strings (not included in the output)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    logprobs: int | None = None    # return the chosen token's logprob and this many alternatives
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         checks = [
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "in [0, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise SamplingError(f"'{name}' must be {rule}, got {getattr(self, name)!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError("'stop' must be non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -1,10 +1,13 @@
-"""Next-token sampling: temperature, top-k, top-p, min-p, with a per-request seeded generator.
+"""Next-token sampling: penalties, temperature, top-k, top-p, min-p, logprobs, and a per-request
+seeded generator.
 
 Greedy decoding (temperature 0) is deterministic; with a seed, sampling is reproducible per
 request because each request owns its own `torch.Generator`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,8 +34,45 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties on generated tokens; the HF/vLLM repetition penalty
+    on every token seen (prompt and output)."""
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    return logits
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float | None = None                  # of the chosen token, under the model
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           prompt_ids: list[int] = (), output_ids: list[int] = ()) -> Sample:
+    """One token from logits [V], with logprobs (of the model's own distribution) on request."""
+    logits = logits.float()
+    token = sample_next(apply_penalties(logits, params, list(prompt_ids), list(output_ids)), params, generator)
+    if params.logprobs is None:
+        return Sample(token)
+    logprobs = logits.log_softmax(-1)
+    top = logprobs.topk(params.logprobs) if params.logprobs else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return Sample(token, float(logprobs[token]), alternatives)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
