@@ -22,6 +22,8 @@ from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, SequenceStatus
+from .session_index import SessionError, check_session_id
+from .sessions import SessionState, SessionStore
 
 
 class EngineError(ValueError):
@@ -42,8 +44,10 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model: MCModel, config: EngineConfig | None = None):
+    def __init__(self, model: MCModel, config: EngineConfig | None = None,
+                 sessions: SessionStore | None = None):
         self.model = model
+        self.sessions = sessions
         self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
         self.runner = ModelRunner(model, self.config)
@@ -52,10 +56,16 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator | None] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._swapped_slots: dict[str, dict[str, torch.Tensor]] = {}
+        self._resume: dict[str, tuple[SessionState, bool]] = {}  # request -> (saved state, exact)
+        self._active_sessions: dict[str, str] = {}  # session -> the request using it
         self._ids = itertools.count()
 
     # --- requests --------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    session_id: str | None = None) -> Sequence:
+        """Queue a request. With `session_id`, the session's saved state is resumed: if its tokens
+        are a prefix of the prompt only the rest is read; if the prompt diverges, reading restarts
+        from the last checkpoint at or before the divergence. Raises EngineError, SessionError."""
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -67,6 +77,8 @@ class LLMEngine:
         if request_id in self.sequences:
             raise EngineError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params)
+        if session_id is not None:
+            self._attach_session(seq, session_id)
         self.sequences[request_id] = seq
         self._generators[request_id] = make_generator(params, self.runner.device)
         if self.tokenizer is not None:
@@ -75,11 +87,51 @@ class LLMEngine:
         return seq
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now; its slot and blocks are freed at once."""
+        """Stop a request now; its slot and blocks are freed at once (a session keeps what was read)."""
         seq = self.sequences.get(request_id)
         if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
-            self._forget(seq)
+            self._end(seq, "abort")
+
+    # --- sessions --------------------------------------------------------------------------
+    def _attach_session(self, seq: Sequence, session_id: str) -> None:
+        if self.sessions is None:
+            raise EngineError("sessions are not enabled on this engine")
+        check_session_id(session_id)
+        if session_id in self._active_sessions:
+            raise SessionError(f"session {session_id!r} is busy with another request", "busy")
+        saved = self.sessions.get(session_id)  # SessionError for a corrupt or foreign file
+        seq.session_id = session_id
+        self._active_sessions[session_id] = seq.request_id
+        if saved is None:
+            return
+        prompt, tokens = seq.prompt_ids, saved.tokens
+        common = 0
+        for a, b in zip(tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        exact = common == len(tokens) < len(prompt)
+        if exact:
+            blocks, start = saved.num_checkpoints, len(tokens)
+        else:  # restart from the last checkpoint at or before the divergence (one token left to read)
+            blocks = min(saved.num_checkpoints, min(common, len(prompt) - 1) // self.model.config.segment_size)
+            start = blocks * self.model.config.segment_size
+        seq.resume_blocks = blocks
+        seq.num_computed_tokens = seq.num_reused_tokens = start
+        self._resume[seq.request_id] = (saved, exact)
+
+    def _save_session(self, seq: Sequence) -> None:
+        """Save what the sequence has read, before its slot and blocks are freed."""
+        if seq.status == SequenceStatus.RUNNING and seq.slot is not None:
+            tier, slot = "device", self.runner.read_slot(seq.slot)
+        elif seq.status == SequenceStatus.SWAPPED and seq.request_id in self._swapped_slots:
+            tier, slot = "host", self._swapped_slots[seq.request_id]
+        else:
+            return  # never started, or reset for recompute: the saved session stays as it was
+        state = SessionState(tokens=seq.all_ids[:seq.num_computed_tokens],
+                             blocks=self.runner.read_blocks(seq.block_table, tier), slot=slot,
+                             fingerprint=self.model.fingerprint)
+        self.sessions.put(seq.session_id, state)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -107,6 +159,14 @@ class LLMEngine:
         for seq, pairs in plan.swap_in:
             self.runner.copy_blocks(pairs, "host", "device")
             self.runner.write_slot(seq.slot, self._swapped_slots.pop(seq.request_id))
+        for seq, slot, blocks in plan.restores:
+            saved, exact = self._resume.pop(seq.request_id)
+            if blocks:
+                self.runner.write_blocks(blocks, {k: v[:, :len(blocks)] for k, v in saved.blocks.items()})
+            if exact:
+                self.runner.write_slot(slot, saved.slot)
+            else:
+                self.runner.init_slot(slot, blocks[-1] if blocks else None)
         for slot, last_block in plan.slot_inits:
             self.runner.init_slot(slot, last_block)
 
@@ -153,13 +213,23 @@ class LLMEngine:
             detok = self._detokenizers.get(seq.request_id)
             if detok is not None and not detok.stopped:
                 text += detok.finish()
-            self.scheduler.finish(seq, reason)
-            self._forget(seq)
+            self._end(seq, reason)
         return RequestOutput(seq.request_id, new_ids, text, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens,
                              [choice] if params.logprobs is not None else [])
 
+    def _end(self, seq: Sequence, reason: str) -> None:
+        try:
+            if seq.session_id is not None:
+                self._save_session(seq)
+        finally:
+            self.scheduler.finish(seq, reason)
+            self._forget(seq)
+
     def _forget(self, seq: Sequence) -> None:
+        if seq.session_id is not None:
+            self._active_sessions.pop(seq.session_id, None)
+        self._resume.pop(seq.request_id, None)
         self.sequences.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)

@@ -6,8 +6,8 @@ Each `schedule()` plans one engine step:
    is preempted: swapped to host memory when there is room there, else reset for recompute
    (its tokens are kept, so nothing is lost, only recomputed);
 2. running sequences with more to read (a prompt, or tokens to recompute) get a prefill chunk;
-3. swapped sequences come back, then waiting ones are admitted (with prefix reuse), while slots,
-   blocks and the token budget last.
+3. swapped sequences come back, then waiting ones are admitted (installing a resumed session's
+   checkpoints, or sharing a cached prefix), while slots, blocks and the token budget last.
 
 Prefill chunks end on segment boundaries where possible, so checkpoints fall out of the chunked
 path at chunk ends. A sequence computes `all_ids[num_computed:]`; the step that reaches its last
@@ -47,6 +47,8 @@ class StepPlan:
     swap_out: list[tuple[Sequence, int, list[tuple[int, int]]]] = field(default_factory=list)
     swap_in: list[tuple[Sequence, list[tuple[int, int]]]] = field(default_factory=list)
     slot_inits: list[tuple[int, int | None]] = field(default_factory=list)  # (slot, last reused block)
+    # Sessions resumed: (sequence, its slot, the device blocks to fill with its saved checkpoints)
+    restores: list[tuple[Sequence, int, list[int]]] = field(default_factory=list)
     prefills: list[PrefillWork] = field(default_factory=list)
     decodes: list[DecodeWork] = field(default_factory=list)
 
@@ -187,7 +189,7 @@ class Scheduler:
             self.swapped.appendleft(seq)
         else:  # no room on the host either: recompute later, keeping every token
             self.pool.release_all(seq.block_table)
-            seq.block_table, seq.num_computed_tokens = [], 0
+            seq.block_table, seq.num_computed_tokens, seq.resume_blocks = [], 0, None
             self.free_slots.append(seq.slot)
             seq.slot, seq.status = None, SequenceStatus.WAITING
             self.waiting.appendleft(seq)
@@ -211,19 +213,14 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int) -> int:
         while self.waiting and self.free_slots and budget > 0:
             seq = self.waiting[0]
-            reused = self._reuse_prefix(seq)
-            seq.slot = self.free_slots.pop()
-            plan.slot_inits.append((seq.slot, reused[-1] if reused else None))
+            if not self._take_state(seq, plan):
+                break
             work = self._plan_first_chunk(seq, budget)
             if work is None:  # not even one segment's block is free: undo and wait
-                self.free_slots.append(seq.slot)
-                seq.slot = None
-                plan.slot_inits.pop()
-                self.pool.release_all(seq.block_table)
-                seq.block_table, seq.num_computed_tokens, seq.num_reused_tokens = [], 0, 0
+                self._give_back_state(seq, plan)
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
+            seq.status, seq.resume_blocks = SequenceStatus.RUNNING, None
             self.running.append(seq)
             if isinstance(work, DecodeWork):
                 plan.decodes.append(work)
@@ -231,6 +228,32 @@ class Scheduler:
                 plan.prefills.append(work)
             budget -= plan_tokens(work)
         return budget
+
+    def _take_state(self, seq: Sequence, plan: StepPlan) -> bool:
+        """A slot, and the blocks of a resumed session or a reused prefix."""
+        if seq.resume_blocks is not None:
+            if not self.pool.device.can_allocate(seq.resume_blocks + 1):
+                return False
+            seq.block_table = [self.pool.device.allocate() for _ in range(seq.resume_blocks)]
+            self._publish(seq, 0)
+            seq.slot = self.free_slots.pop()
+            plan.restores.append((seq, seq.slot, list(seq.block_table)))
+            return True
+        reused = self._reuse_prefix(seq)
+        seq.slot = self.free_slots.pop()
+        plan.slot_inits.append((seq.slot, reused[-1] if reused else None))
+        return True
+
+    def _give_back_state(self, seq: Sequence, plan: StepPlan) -> None:
+        self.free_slots.append(seq.slot)
+        seq.slot = None
+        self.pool.release_all(seq.block_table)
+        seq.block_table = []
+        if seq.resume_blocks is not None:
+            plan.restores.pop()
+        else:
+            plan.slot_inits.pop()
+            seq.num_computed_tokens = seq.num_reused_tokens = 0
 
     def _plan_first_chunk(self, seq: Sequence, budget: int):
         if self._remaining(seq) == 1:
@@ -271,9 +294,13 @@ class Scheduler:
         first_new = len(seq.block_table)
         seq.block_table += new_blocks
         seq.num_computed_tokens += n
-        if self.config.enable_prefix_reuse and new_blocks:
+        self._publish(seq, first_new)
+
+    def _publish(self, seq: Sequence, first: int) -> None:
+        """Make blocks `first...` of `seq` findable by later requests with the same prefix."""
+        if self.config.enable_prefix_reuse and len(seq.block_table) > first:
             hashes = segment_hashes(seq.all_ids[:len(seq.block_table) * self.segment_size], self.segment_size)
-            for i in range(first_new, len(seq.block_table)):
+            for i in range(first, len(seq.block_table)):
                 self.pool.device.publish(seq.block_table[i], hashes[i])
 
 

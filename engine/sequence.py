@@ -29,6 +29,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None      # "stop", "length", "abort"
     num_reused_tokens: int = 0            # prompt tokens not recomputed (prefix hit, session)
+    resume_blocks: int | None = None      # a resumed session: saved blocks to install on admission
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
