@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,8 @@ class EngineError(ValueError):
 @dataclass
 class RequestOutput:
     request_id: str
+    group_id: str
+    index: int
     new_token_ids: list[int]
     new_text: str
     finished: bool
@@ -86,11 +88,38 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now; its slot and blocks are freed at once (a session keeps what was read)."""
+    def add_group(self, prompt_ids: list[int], params: SamplingParams, n: int,
+                  request_id: str | None = None) -> list[Sequence]:
+        """`n` samples of one prompt (OpenAI's `n`). The first reads the prompt; the others start
+        once it has, sharing its prompt checkpoints and reading only the unfinished last segment.
+        With a seed, sample i uses seed + i."""
+        if not 1 <= n <= self.config.max_num_seqs:
+            raise EngineError(f"n must be in [1, {self.config.max_num_seqs}], got {n}")
+        group = request_id or f"req-{next(self._ids)}"
+        if n == 1:
+            return [self.add_request(prompt_ids, params, group)]
+        seqs: list[Sequence] = []
+        try:
+            for i in range(n):
+                sample_params = params if params.seed is None else replace(params, seed=params.seed + i)
+                seq = self.add_request(prompt_ids, sample_params, f"{group}-{i}")
+                seq.group_id, seq.index, seq.wait_for = group, i, (seqs[0] if seqs else None)
+                seqs.append(seq)
+        except EngineError:
+            for seq in seqs:
+                self.abort(seq.request_id)
+            raise
+        return seqs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its slot and blocks are freed at once (a session keeps what was
+        read). Returns its final output, or None if there is no such running request."""
         seq = self.sequences.get(request_id)
-        if seq is not None and not seq.is_finished:
-            self._end(seq, "abort")
+        if seq is None or seq.is_finished:
+            return None
+        self._end(seq, "abort")
+        return RequestOutput(seq.request_id, seq.group_id, seq.index, [], "", True, "abort",
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens)
 
     # --- sessions --------------------------------------------------------------------------
     def _attach_session(self, seq: Sequence, session_id: str) -> None:
@@ -214,7 +243,7 @@ class LLMEngine:
             if detok is not None and not detok.stopped:
                 text += detok.finish()
             self._end(seq, reason)
-        return RequestOutput(seq.request_id, new_ids, text, reason is not None, reason,
+        return RequestOutput(seq.request_id, seq.group_id, seq.index, new_ids, text, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens,
                              [choice] if params.logprobs is not None else [])
 

@@ -211,15 +211,15 @@ class Scheduler:
             self.running.append(seq)
 
     def _admit(self, plan: StepPlan, budget: int) -> int:
-        while self.waiting and self.free_slots and budget > 0:
-            seq = self.waiting[0]
-            if not self._take_state(seq, plan):
+        while self.free_slots and budget > 0:
+            seq = next((s for s in self.waiting if self._ready(s)), None)
+            if seq is None or not self._take_state(seq, plan):
                 break
             work = self._plan_first_chunk(seq, budget)
             if work is None:  # not even one segment's block is free: undo and wait
                 self._give_back_state(seq, plan)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status, seq.resume_blocks = SequenceStatus.RUNNING, None
             self.running.append(seq)
             if isinstance(work, DecodeWork):
@@ -228,6 +228,13 @@ class Scheduler:
                 plan.prefills.append(work)
             budget -= plan_tokens(work)
         return budget
+
+    @staticmethod
+    def _ready(seq: Sequence) -> bool:
+        """Samples 2..n of a request wait until the first has read the prompt, then share its
+        prompt checkpoints through prefix reuse."""
+        first = seq.wait_for
+        return first is None or first.is_finished or first.num_computed_tokens >= len(first.prompt_ids)
 
     def _take_state(self, seq: Sequence, plan: StepPlan) -> bool:
         """A slot, and the blocks of a resumed session or a reused prefix."""

@@ -16,7 +16,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: queues compare sequences by object
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -30,6 +30,9 @@ class Sequence:
     finish_reason: str | None = None      # "stop", "length", "abort"
     num_reused_tokens: int = 0            # prompt tokens not recomputed (prefix hit, session)
     resume_blocks: int | None = None      # a resumed session: saved blocks to install on admission
+    group_id: str = ""                    # the request of n > 1 samples this belongs to
+    index: int = 0                        # which of the n samples
+    wait_for: Sequence | None = None      # admit only after this one has read the prompt
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -50,6 +53,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def __post_init__(self) -> None:
+        self.group_id = self.group_id or self.request_id
 
     def next_tokens(self, limit: int) -> list[int]:
         """The next uncomputed tokens, at most `limit`."""

@@ -147,3 +147,20 @@ def test_bad_requests_are_refused():
     engine.add_request([1], GREEDY, request_id="x")
     with pytest.raises(EngineError, match="already in use"):
         engine.add_request([1], GREEDY, request_id="x")
+
+
+def test_n_samples_share_the_prompt_checkpoints():
+    model = tiny_model(memory="gla", aggregation="grm")
+    engine = make_engine(model)
+    prompt = prompts(1, seed=9, lengths=(17,))[0]  # 3 whole segments
+    seqs = engine.add_group(prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=5), n=3)
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.num_reused_tokens for s in seqs] == [0, 15, 15]
+    assert engine.scheduler.pool.prefix_hits == 6
+    # Sample i used seed 5 + i: each equals a lone request with that seed.
+    for i, seq in enumerate(seqs):
+        alone = make_engine(model).generate([prompt], SamplingParams(max_tokens=6, temperature=1.0, seed=5 + i))[0]
+        assert seq.output_ids == alone
+    assert len({tuple(s.output_ids) for s in seqs}) > 1
+    assert_pools_empty(engine)

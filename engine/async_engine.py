@@ -1,0 +1,131 @@
+"""AsyncEngine: the engine loop in a background thread, with an async stream per request.
+
+The LLMEngine is not thread-safe, so every call into it (the loop's steps, adding, aborting,
+session look-ups) runs under one lock. Steps run in their own thread so the event loop keeps
+serving while the model computes (torch releases the GIL). A consumer that stops iterating
+(a client that disconnected) aborts its request, which frees its slot and blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .llm_engine import LLMEngine, RequestOutput
+from .params import SamplingParams
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="mcserve-engine", daemon=True)
+        self._thread.start()
+        self.step_error: BaseException | None = None
+
+    # --- requests --------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+                       request_id: str | None = None, session_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of `n` samples (each output names its `index`). Errors in the
+        request (bad prompt, busy session...) are raised before the first output."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def add():
+            if session_id is not None:
+                seqs = [self.engine.add_request(prompt_ids, params, request_id, session_id=session_id)]
+            else:
+                seqs = self.engine.add_group(prompt_ids, params, n, request_id)
+            for seq in seqs:
+                self._streams[seq.request_id] = (loop, queue)
+            return seqs
+
+        seqs = await self.call(add)
+        self._wakeup.set()
+        unfinished = {s.request_id for s in seqs}
+        try:
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    unfinished.discard(item.request_id)
+                yield item
+        finally:
+            if unfinished:  # the consumer went away (or failed): stop the work it no longer wants
+                await self.call(self._abort_all, list(unfinished))
+            for seq in seqs:
+                self._streams.pop(seq.request_id, None)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` under the engine lock, off the event loop."""
+        return await asyncio.to_thread(self._locked, fn, *args)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    def _abort_all(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            final = self.engine.abort(rid)
+            if final is not None:
+                self._deliver(rid, final)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_s`, then abort the rest
+        (a session saves what it has read) and stop the loop."""
+        self._accepting = False
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.call(self._abort_all, list(self.engine.sequences))
+        self._stop = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                try:
+                    outputs = self.engine.step() if busy else []
+                except Exception as e:  # a bug must not hang the clients: fail their requests
+                    self.step_error = e
+                    outputs = []
+                    self._fail_everything(e)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if not busy:
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+
+    def _fail_everything(self, error: Exception) -> None:
+        for rid in list(self.engine.sequences):
+            self._deliver(rid, RuntimeError(f"engine step failed: {error}"))
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - keep going: every stream must hear about the failure
+                continue
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
