@@ -119,7 +119,7 @@ class MCModel(nn.Module):
             for name, tensor in sorted(self.state_dict().items()):
                 t = tensor.detach().contiguous().cpu()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
