@@ -95,6 +95,8 @@ class AsyncEngine:
         while self._streams and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await self.call(self._abort_all, list(self.engine.sequences))
+        if self.engine.sessions is not None:
+            await asyncio.to_thread(self.engine.sessions.flush)
         self._stop = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join, 10)

@@ -68,11 +68,17 @@ def bench_decode(model, batches, ckpt_counts, steps, config) -> list[str]:
 
 
 def ttft(engine: LLMEngine, prompt: list[int], session_id: str | None) -> tuple[float, int]:
+    """Seconds from the request to the step that returns its first token, and that token."""
     start = time.perf_counter()
-    seq = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), session_id=session_id)
+    seq = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0.0), session_id=session_id)
+    while not seq.output_ids:
+        engine.step()
+    elapsed = time.perf_counter() - start
     while engine.has_unfinished():
         engine.step()
-    return time.perf_counter() - start, seq.output_ids[0]
+    if engine.sessions is not None:
+        engine.sessions.flush()
+    return elapsed, seq.output_ids[0]
 
 
 def bench_resume(model, history: int, new: int, config) -> list[str]:

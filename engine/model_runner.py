@@ -16,6 +16,7 @@ only moves data in and out of the pools and does the segment-end bookkeeping per
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from models import MCModel
 from models.state import LayerState
@@ -23,6 +24,45 @@ from models.state import LayerState
 from .config import EngineConfig
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class PooledCheckpoints:
+    """A decode batch's checkpoints read in place from the pool through padded block tables.
+
+    `sum_i g_i C_i` is an `embedding_bag` over rows (block, head) of the pool: each checkpoint is
+    read once and nothing of size [B, n, H, dk, dv] is materialised (the torch reference of the
+    cached read-out kernel). For ssc only the selected blocks are read.
+    """
+
+    def __init__(self, ckpt: torch.Tensor, summary: torch.Tensor, table: torch.Tensor,
+                 mask: torch.Tensor | None):
+        self.pool, self.summary, self.table, self.mask = ckpt, summary, table, mask  # pool [N,H,dk,dv]
+        self.count = table.shape[1]
+
+    def summaries(self) -> torch.Tensor:
+        return self.summary[self.table].transpose(1, 2)  # [B,H,n,dk]
+
+    def weighted_sum(self, weights: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, n = weights.shape
+        N, _, dk, dv = self.pool.shape
+        if index is None:
+            blocks = self.table[:, None, :].expand(B, H, n)
+        else:
+            blocks = self.table.gather(1, index.flatten(1)).view(B, H, n)
+        rows = (blocks * H + torch.arange(H, device=blocks.device)[None, :, None]).flatten(0, 1)
+        flat = self.pool.view(N * H, dk * dv)
+        if flat.dtype == torch.float32:
+            out = F.embedding_bag(rows, flat, per_sample_weights=weights.flatten(0, 1), mode="sum")
+        else:  # low-precision storage: gather, then accumulate in fp32
+            out = (weights.flatten(0, 1)[:, None, :] @ flat[rows].float())[:, 0]
+        return out.view(B, H, dk, dv)
+
+    def total(self) -> torch.Tensor:
+        B, n = self.table.shape
+        weights = torch.ones(B, self.pool.shape[1], n, device=self.table.device)
+        if self.mask is not None:
+            weights = weights * self.mask[:, None, :]
+        return self.weighted_sum(weights)
 
 
 class ModelRunner:
@@ -123,9 +163,12 @@ class ModelRunner:
         end_blocks = [new_blocks[b] for b in ends]
         S = self.segment_size
 
+        table, mask = self._padded(block_tables)
+
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            st = self._gather(i, slots, block_tables)
-            y, M, key_sum = mixer.decode_step(x, st, pos)
+            st = self._slot_state(i, slots)
+            source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
+            y, M, key_sum = mixer.decode_step(x, st, pos, source)
             if ends:
                 conv = st.conv_tail[ends] if st.conv_tail is not None else None
                 self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)
@@ -140,25 +183,37 @@ class ModelRunner:
         return self.model.run_layers(ids, mix)[:, 0]
 
     # --- gather / scatter ------------------------------------------------------------------
-    def _gather(self, layer: int, slots: list[int], tables: list[list[int]]) -> LayerState:
-        """A batch LayerState: slot states, and checkpoints through block tables padded to the
-        longest (pads point at block 0 and are masked out)."""
-        slot_index = torch.tensor(slots, device=self.device)
+    def _padded(self, tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block tables padded to the longest [B,n] (pads point at block 0), and the mask of
+        real entries (None when all are real)."""
         longest = max((len(t) for t in tables), default=0)
         table = torch.tensor([t + [0] * (longest - len(t)) for t in tables], dtype=torch.long,
                              device=self.device).view(len(tables), longest)
         mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(
             [len(t) for t in tables], device=self.device)[:, None]
-        ckpts = self.blocks["ckpt"][layer][table].float().transpose(1, 2)          # [B,H,n,dk,dv]
-        summaries = self.blocks["summary"][layer][table].transpose(1, 2)           # [B,H,n,dk]
-        conv = self.blocks.get("block_conv")
+        return table, None if bool(mask.all()) else mask
+
+    def _slot_state(self, layer: int, slots: list[int]) -> LayerState:
+        """The online part of a batch's state; its checkpoints are read through a source."""
+        index = torch.tensor(slots, device=self.device)
+        c = self.model.config
+        empty = torch.zeros(len(slots), c.n_heads, 0, c.dk, device=self.device)
         return LayerState(
-            online=self.slots["online"][layer][slot_index],
-            key_sum=self.slots["key_sum"][layer][slot_index],
-            ckpts=ckpts, summaries=summaries,
-            conv_tail=self.slots["conv_tail"][layer][slot_index] if "conv_tail" in self.slots else None,
-            ckpt_conv=conv[layer][table] if conv is not None else None,
-            ckpt_mask=None if bool(mask.all()) else mask)
+            online=self.slots["online"][layer][index], key_sum=self.slots["key_sum"][layer][index],
+            ckpts=empty[..., None], summaries=empty,
+            conv_tail=self.slots["conv_tail"][layer][index] if "conv_tail" in self.slots else None)
+
+    def _gather(self, layer: int, slots: list[int], tables: list[list[int]]) -> LayerState:
+        """A batch LayerState with its checkpoints copied out of the pool (prefill's chunked path
+        works on whole tensors)."""
+        table, mask = self._padded(tables)
+        st = self._slot_state(layer, slots)
+        st.ckpts = self.blocks["ckpt"][layer][table].float().transpose(1, 2)          # [B,H,n,dk,dv]
+        st.summaries = self.blocks["summary"][layer][table].transpose(1, 2)           # [B,H,n,dk]
+        conv = self.blocks.get("block_conv")
+        st.ckpt_conv = conv[layer][table] if conv is not None else None
+        st.ckpt_mask = mask
+        return st
 
     def _scatter(self, layer: int, slots: list[int], st: LayerState) -> None:
         index = torch.tensor(slots, device=self.device)

@@ -4,13 +4,17 @@ A session holds the token ids whose effect is in its state, every checkpoint blo
 summary, conv tail at the boundary: [L, n, ...]), the online slot (online memory, key sum, conv
 tail: [L, ...]) and the fingerprint of the model that made it. On disk it is one safetensors file,
 written atomically (temp file, fsync, rename, fsync of the directory) with a sha256 checksum over
-its contents in the header; memory keeps an LRU cache in front (engine/session_index.py).
+its contents in the header; memory keeps an LRU cache in front (engine/session_index.py). Disk
+writes run in one background thread, in order, so the engine loop never waits for the disk; a
+session is durable once its write has landed (`flush()` waits for that; shutdown calls it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,16 +62,58 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+class DiskWriter:
+    """One background thread that applies file writes and deletes in the order they were asked
+    for, so the engine loop never waits for the disk."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="mcserve-session-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args) -> None:
+        self.jobs.put((fn, args))
+
+    def flush(self) -> None:
+        self.jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self.jobs.get()
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - reported by the store, the writer goes on
+                self.errors.append(f"{fn.__name__}{args[:1]}: {e}")
+            finally:
+                self.jobs.task_done()
+
+
 class SessionStore:
+    """Sessions in memory (LRU) and on disk. Disk writes happen behind the caller's back in
+    order (`flush()` waits for them); `sync=True` writes before `put` returns."""
+
     def __init__(self, fingerprint: str, directory: str | Path | None = None,
-                 limits: SessionLimits | None = None):
+                 limits: SessionLimits | None = None, sync: bool = False):
         self.fingerprint = fingerprint
         self.directory = Path(directory) if directory else None
         self.index = SessionIndex(limits or SessionLimits())
         self.memory: dict[str, SessionState] = {}
+        self.writer = DiskWriter() if self.directory is not None and not sync else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._scan()
+
+    def flush(self) -> None:
+        """Wait until every saved session is on disk."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _on_disk(self, fn, *args) -> None:
+        if self.writer is not None:
+            self.writer.submit(fn, *args)
+        else:
+            fn(*args)
 
     # --- public ----------------------------------------------------------------------------
     def get(self, session_id: str) -> SessionState | None:
@@ -79,6 +125,7 @@ class SessionStore:
             return None
         state = self.memory.get(session_id)
         if state is None:
+            self.flush()  # its latest version may still be on its way to disk
             state = self._read(session_id)
             self._remember(session_id, state, entry)
         self.index.touch(entry)
@@ -90,7 +137,7 @@ class SessionStore:
         entry = SessionEntry(session_id, len(state.tokens), state.num_checkpoints, state.nbytes,
                              created=old.created if old else state.created, last_used=time.time())
         if self.directory is not None:
-            self._write(session_id, state)
+            self._on_disk(self._write, session_id, state)
             entry.on_disk = True
         self._remember(session_id, state, entry)
         self.index.touch(entry)
@@ -102,8 +149,11 @@ class SessionStore:
         entry = self.index.remove(session_id)
         self.memory.pop(session_id, None)
         if self.directory is not None:
-            self._path(session_id).unlink(missing_ok=True)
+            self._on_disk(self._unlink, session_id)
         return entry is not None
+
+    def _unlink(self, session_id: str) -> None:
+        self._path(session_id).unlink(missing_ok=True)
 
     def info(self, session_id: str) -> SessionEntry | None:
         check_session_id(session_id)

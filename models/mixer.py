@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aggregation import gate_weights, ssc_topk
+from .checkpoints import DenseCheckpoints
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv
 from .memory import build_memory
@@ -266,49 +267,46 @@ class MCMixer(nn.Module):
         st.online, st.key_sum = M, key_sum
         return y
 
-    def decode_step(self, x: torch.Tensor, st: LayerState, pos: int | torch.Tensor):
+    def decode_step(self, x: torch.Tensor, st: LayerState, pos: int | torch.Tensor, source=None):
         """The read-out of one token per sequence, without the segment-end bookkeeping.
 
         `pos` is one position for all, or a LongTensor [B] (the engine batches sequences at
-        different positions); `st.ckpt_mask` [B,n] marks real checkpoints when sequences have
-        different numbers (padded entries must hold finite values, e.g. zeros). Updates the conv
-        tail; returns (output [B,1,d], online state after the token, key sum after the token).
+        different positions). Checkpoints come from `source` (models/checkpoints.py; by default
+        the state's own), whose `mask` [B,n] marks real ones when sequences have different
+        numbers. Updates the conv tail; returns (output [B,1,d], online state after the token,
+        key sum after the token).
         """
         c, mem = self.config, self.memory
+        source = source or DenseCheckpoints(st)
         p = self.project(x, st.conv_tail)
         st.conv_tail = p.conv_tail
         q, k, v = p.q[:, :, 0], p.k[:, :, 0], p.v[:, :, 0]
         M = mem.update(st.online, k, v, p.log_a[:, :, 0], p.beta[:, :, 0] if p.beta is not None else None)
         key_sum = st.key_sum + k
         online = mem.read(M, q)
-        mask = st.ckpt_mask[:, None, :] if st.ckpt_mask is not None else None  # [B,1,n]
-        if c.aggregation == "none" or st.ckpts.shape[2] == 0:
+        if c.aggregation == "none" or source.count == 0:
             y = online
         elif c.aggregation == "residual":
-            ckpts = st.ckpts if mask is None else st.ckpts * mask[..., None, None]
-            y = online + mem.read(ckpts.sum(2), q)
+            y = online + mem.read(source.total(), q)  # sum_i C_i^T q = (sum_i C_i)^T q
         else:
             count = pos % c.segment_size + 1
             if isinstance(count, torch.Tensor):
                 count = count.view(-1, 1, 1).to(key_sum.dtype)
-            y = self._step_gated(M, online, q, p.u[:, :, 0], key_sum / count, st, mask)
+            y = self._step_gated(M, online, q, p.u[:, :, 0], key_sum / count, source)
         return self.finish(y[:, :, None], p.gate, x), M, key_sum
 
-    def _step_gated(self, M, online, q, u, online_summary, st: LayerState, mask):
+    def _step_gated(self, M, online, q, u, online_summary, source):
         c, mem = self.config, self.memory
         online_r = self._score(u, online_summary)
-        cached_r = (st.summaries @ u[..., None])[..., 0] * c.score_scale
-        if mask is not None:
-            cached_r = cached_r.masked_fill(~mask, float("-inf"))
-        ckpts = st.ckpts
+        cached_r = (source.summaries() @ u[..., None])[..., 0] * c.score_scale  # [B,H,n]
+        if source.mask is not None:
+            cached_r = cached_r.masked_fill(~source.mask[:, None, :], float("-inf"))
+        index = None
         if c.aggregation == "ssc" and cached_r.shape[-1] > c.ssc_top_k:
-            # Read only the selected checkpoints (hidden ones score -inf and weigh 0).
+            # Only the selected checkpoints are read (hidden ones score -inf and weigh 0).
             cached_r, index = ssc_topk(cached_r, c.ssc_top_k)
-            ckpts = ckpts.gather(2, index[..., None, None].expand(-1, -1, -1, *ckpts.shape[-2:]))
         g_cached, g_online = gate_weights(cached_r, online_r, None, c.aggregation, c.ssc_top_k)
-        if c.aggregation == "soup":
-            states = torch.cat([ckpts, M[:, :, None]], dim=2)
-            return mem.read(mem.mix(states, torch.cat([g_cached, g_online[..., None]], -1)), q)
-        # sum_i g_i C_i^T q as one [1, n*dk] @ [n*dk, dv] product per head.
-        weighted_q = (g_cached[..., None] * q[:, :, None, :]).flatten(2)[:, :, None, :]
-        return g_online[..., None] * online + (weighted_q @ ckpts.flatten(2, 3))[:, :, 0]
+        mixed = source.weighted_sum(g_cached, index)  # sum_i g_i C_i
+        if c.aggregation == "soup":  # mix every memory, online included, then read once
+            return mem.read(mixed + g_online[..., None, None] * M, q)
+        return g_online[..., None] * online + mem.read(mixed, q)

@@ -54,6 +54,7 @@ def test_resume_from_memory_and_from_disk_equals_uninterrupted(model, tmp_path):
     assert turn2.output_ids == fresh_output(model, p2)
     # Tear the engine down; a new one finds the session on disk.
     p3 = p2 + turn2.output_ids + USER2
+    engine.sessions.flush()  # as shutdown does
     engine = engine_for(model, tmp_path)
     assert [e.session_id for e in engine.sessions.list()] == ["chat"]
     turn3 = run(engine, p3, "chat")
@@ -101,6 +102,7 @@ def test_a_bad_session_file_fails_alone(model, tmp_path, damage):
     engine = engine_for(model, tmp_path)
     run(engine, P1, "good")
     run(engine, P1, "bad")
+    engine.sessions.flush()
     path = tmp_path / "bad.session.safetensors"
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -131,6 +133,7 @@ def test_saved_session_survives_kill_9(model, tmp_path):
         model = tiny_model(memory="gla", aggregation="grm")
         engine = LLMEngine(model, CONFIG, SessionStore(model.fingerprint, {str(tmp_path / 'sessions')!r}))
         seq = run(engine, P1, "crash")
+        engine.sessions.flush()  # the write has landed: from here on it must survive anything
         print("saved", *seq.output_ids, flush=True)
         time.sleep(60)
     """)
