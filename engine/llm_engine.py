@@ -43,6 +43,10 @@ class RequestOutput:
     num_output_tokens: int
     num_reused_tokens: int
     logprobs: list[Sample] = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    resume_seconds: float | None = None
 
 
 class LLMEngine:
@@ -128,7 +132,9 @@ class LLMEngine:
         check_session_id(session_id)
         if session_id in self._active_sessions:
             raise SessionError(f"session {session_id!r} is busy with another request", "busy")
+        started = time.monotonic()
         saved = self.sessions.get(session_id)  # SessionError for a corrupt or foreign file
+        seq.resume_seconds = time.monotonic() - started if saved is not None else None
         seq.session_id = session_id
         self._active_sessions[session_id] = seq.request_id
         if saved is None:
@@ -161,6 +167,9 @@ class LLMEngine:
                              blocks=self.runner.read_blocks(seq.block_table, tier), slot=slot,
                              fingerprint=self.model.fingerprint)
         self.sessions.put(seq.session_id, state)
+
+    def session_in_use(self, session_id: str) -> bool:
+        return session_id in self._active_sessions
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -245,7 +254,8 @@ class LLMEngine:
             self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.group_id, seq.index, new_ids, text, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens,
-                             [choice] if params.logprobs is not None else [])
+                             [choice] if params.logprobs is not None else [], seq.arrival_time,
+                             seq.first_scheduled_time, seq.first_token_time, seq.resume_seconds)
 
     def _end(self, seq: Sequence, reason: str) -> None:
         try:

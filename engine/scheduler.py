@@ -71,6 +71,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_swapped_out = self.num_swapped_in = self.num_recomputed = 0
 
     # --- queue -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -185,9 +186,11 @@ class Scheduler:
             pairs = self.pool.move(seq.block_table, "device", "host")
             seq.block_table = [dst for _, dst in pairs]
             plan.swap_out.append((seq, seq.slot, pairs))  # the slot is freed once saved
+            self.num_swapped_out += 1
             seq.slot, seq.status = None, SequenceStatus.SWAPPED
             self.swapped.appendleft(seq)
         else:  # no room on the host either: recompute later, keeping every token
+            self.num_recomputed += 1
             self.pool.release_all(seq.block_table)
             seq.block_table, seq.num_computed_tokens, seq.resume_blocks = [], 0, None
             self.free_slots.append(seq.slot)
@@ -208,6 +211,7 @@ class Scheduler:
             seq.slot = self.free_slots.pop()
             seq.status = SequenceStatus.RUNNING
             plan.swap_in.append((seq, pairs))
+            self.num_swapped_in += 1
             self.running.append(seq)
 
     def _admit(self, plan: StepPlan, budget: int) -> int:

@@ -36,6 +36,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    resume_seconds: float | None = None   # time to load the saved session, when resumed
 
     @property
     def all_ids(self) -> list[int]:

@@ -98,9 +98,36 @@ def parse_assignment(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import models
+    from engine.config import EngineConfigError
+    from server.config import ServerConfig, ServerConfigError
+    from server.serve import run_server
+    overrides = {k: getattr(args, k) for k in SERVE_OPTIONS}
+    try:
+        config = ServerConfig.from_env(overrides)
+        run_server(config)
+    except (ServerConfigError, EngineConfigError, models.ModelLoadError, OSError) as e:
+        raise CLIError(str(e)) from None
+
+
+SERVE_OPTIONS = {"model": str, "host": str, "port": int, "session_dir": str, "api_key": str,
+                 "served_model_name": str, "max_prompt_tokens": int, "default_max_tokens": int,
+                 "max_queued_requests": int, "max_num_seqs": int, "max_num_batched_tokens": int,
+                 "num_device_blocks": int, "num_host_blocks": int, "ckpt_dtype": str,
+                 "max_sessions_in_memory": int, "max_session_memory_bytes": int,
+                 "max_sessions_on_disk": int, "max_session_disk_bytes": int, "shutdown_grace_s": float}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcserve", description="Memory Caching LM server")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server (default: the bundled model "
+                                         "on 127.0.0.1:8000); every option also reads MCSERVE_<OPTION>")
+    for name, kind in SERVE_OPTIONS.items():
+        serve.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="show a model's config, size and fingerprint")
     info.add_argument("model", help="model directory")

@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP layer: thin handlers over the AsyncEngine.
+
+Each handler validates (pydantic, then limits), renders the prompt, starts the request (so that
+engine errors become HTTP errors before any byte is streamed), then returns JSON or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.async_engine import AsyncEngine, EngineStopped
+from engine.llm_engine import EngineError, RequestOutput
+from engine.params import SamplingError, SamplingParams
+from engine.session_index import SessionError, check_session_id
+
+from . import errors
+from .config import ServerConfig
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .streaming import chat_chunk, completion_chunk, sse, usage_body
+
+VERSION = "0.1.0"
+SESSION_STATUS = {"busy": 409, "not_found": 404, "corrupt": 409, "wrong_model": 409, "invalid_id": 400}
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    config: ServerConfig
+    metrics: Metrics
+    model_name: str
+    created: int
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
+    state = ServerState(engine, config, Metrics(engine.engine), model_name, int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await engine.shutdown(grace_s=config.shutdown_grace_s)  # SIGTERM: finish or save in-flight work
+
+    app = FastAPI(title="mcserve", version=VERSION, lifespan=lifespan)
+    app.state.mc = state
+    errors.install(app)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {config.api_key}"):
+                return errors.error_response(401, "invalid API key: send 'Authorization: Bearer <key>'",
+                                             code="invalid_api_key")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if engine.step_error is not None:
+            return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION, "model": model_name, "fingerprint": engine.engine.model.fingerprint}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(state)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        check_model(state, model_id)
+        return model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(state, body.model)
+        tokenizer = engine.engine.tokenizer
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+        params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens,
+                                 body.top_logprobs if body.logprobs else None)
+        session_id = session_of(body, request)
+        stream = await start(state, prompt_ids, params, body.n, session_id)
+        rid = f"chatcmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            return StreamingResponse(chat_events(state, stream, rid, body, len(prompt_ids)),
+                                     media_type="text/event-stream", headers=session_header(session_id))
+        outputs = await gather(state, stream, body.n)
+        choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": chat_logprobs(tokenizer, o.samples) if body.logprobs else None,
+                    "finish_reason": o.finish_reason} for i, o in sorted(outputs.items())]
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": state.model_name, "choices": choices,
+                             "usage": usage_body(len(prompt_ids), outputs)}, headers=session_header(session_id))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(state, body.model)
+        tokenizer = engine.engine.tokenizer
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise errors.APIError(400, "this server takes one prompt per request", param="prompt")
+            prompt = prompt[0]
+        prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+        params = sampling_params(state, body, body.max_tokens, body.logprobs)
+        session_id = session_of(body, request)
+        stream = await start(state, prompt_ids, params, body.n, session_id)
+        rid = f"cmpl-{secrets.token_hex(12)}"
+        echo = tokenizer.decode(prompt_ids) if body.echo else ""
+        if body.stream:
+            return StreamingResponse(completion_events(state, stream, rid, body, len(prompt_ids), echo),
+                                     media_type="text/event-stream", headers=session_header(session_id))
+        outputs = await gather(state, stream, body.n)
+        choices = [{"index": i, "text": echo + o.text, "finish_reason": o.finish_reason,
+                    "logprobs": completion_logprobs(tokenizer, o.samples) if body.logprobs is not None else None}
+                   for i, o in sorted(outputs.items())]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                             "model": state.model_name, "choices": choices,
+                             "usage": usage_body(len(prompt_ids), outputs)}, headers=session_header(session_id))
+
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        store = sessions_of(state)
+        entries = await engine.call(store.list)
+        return {"object": "list", "data": [session_card(e) for e in entries]}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str):
+        store = sessions_of(state)
+        entry = await engine.call(guarded, store.info, session_id)
+        if entry is None:
+            raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+        return session_card(entry)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str):
+        store = sessions_of(state)
+        if engine.engine.session_in_use(session_id):
+            raise errors.APIError(409, f"session {session_id!r} is busy with a request", code="session_busy")
+        deleted = await engine.call(guarded, store.delete, session_id)
+        if not deleted:
+            raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    return app
+
+
+# --- helpers -------------------------------------------------------------------------------
+def model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mcserve"}
+
+
+def check_model(state: ServerState, name: str) -> None:
+    if name != state.model_name:
+        raise errors.APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                              param="model", code="model_not_found")
+
+
+def session_of(body: SamplingFields, request: Request) -> str | None:
+    session_id = body.session_id or request.headers.get("x-session-id")
+    if session_id is not None:
+        try:
+            check_session_id(session_id)
+        except SessionError as e:
+            raise errors.APIError(400, str(e), param="session_id", code="invalid_session_id") from None
+    return session_id
+
+
+def session_header(session_id: str | None) -> dict[str, str]:
+    return {"X-Session-Id": session_id} if session_id else {}
+
+
+def sessions_of(state: ServerState):
+    store = state.engine.engine.sessions
+    if store is None:
+        raise errors.APIError(404, "sessions are not enabled on this server", code="sessions_disabled")
+    return store
+
+
+def guarded(fn, session_id):
+    try:
+        return fn(session_id)
+    except SessionError as e:
+        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), param="session_id",
+                              code=f"session_{e.code}") from None
+
+
+def session_card(entry) -> dict:
+    return {"id": entry.session_id, "object": "session", "tokens": entry.num_tokens,
+            "checkpoints": entry.num_checkpoints, "bytes": entry.nbytes, "tier": entry.tier,
+            "created": int(entry.created), "last_used": int(entry.last_used)}
+
+
+def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    tokenizer = state.engine.engine.tokenizer
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens or state.config.default_max_tokens, temperature=body.temperature,
+            top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, stop=body.stop_strings(),
+            stop_token_ids=tuple(tokenizer.eos_ids), logprobs=logprobs, ignore_eos=body.ignore_eos)
+    except SamplingError as e:
+        raise errors.APIError(400, str(e), code="invalid_value") from None
+
+
+async def start(state: ServerState, prompt_ids: list[int], params: SamplingParams, n: int,
+                session_id: str | None) -> AsyncIterator[RequestOutput]:
+    """Submit the request and wait for its first output, so that refusals are HTTP errors."""
+    config = state.config
+    if not prompt_ids:
+        raise errors.APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+    if len(prompt_ids) > config.max_prompt_tokens:
+        raise errors.APIError(400, f"the prompt has {len(prompt_ids)} tokens, more than this server's limit "
+                                   f"of {config.max_prompt_tokens}", param="messages", code="prompt_too_long")
+    if session_id is not None and n > 1:
+        raise errors.APIError(400, "n > 1 cannot be combined with a session", param="n")
+    if state.engine.num_in_flight() >= config.max_queued_requests:
+        raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
+                              headers={"Retry-After": "1"})
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    stream = state.engine.generate(prompt_ids, params, n=n, session_id=session_id)
+    try:
+        first = await stream.__anext__()
+    except SessionError as e:
+        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), param="session_id",
+                              code=f"session_{e.code}") from None
+    except EngineStopped as e:
+        raise errors.APIError(503, str(e), code="shutting_down") from None
+    except EngineError as e:
+        if "too many queued" in str(e):
+            raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        raise errors.APIError(400, str(e), param="prompt") from None
+    return _prepend(first, stream)
+
+
+async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # a client that went away aborts the request
+
+
+@dataclass
+class SampleResult:
+    text: str = ""
+    finish_reason: str | None = None
+    num_tokens: int = 0
+    num_reused: int = 0
+    samples: list = None
+
+
+async def gather(state: ServerState, stream: AsyncIterator[RequestOutput], n: int) -> dict[int, SampleResult]:
+    results: dict[int, SampleResult] = {}
+    last: dict[int, float] = {}
+    async for out in stream:
+        now = time.monotonic()
+        state.metrics.observe(out, last.get(out.index), now)
+        last[out.index] = now
+        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r.text += out.new_text
+        r.samples += out.logprobs
+        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
+        if out.finished:
+            r.finish_reason = out.finish_reason
+    return results
+
+
+async def chat_events(state, stream, rid, body, num_prompt):
+    created = int(time.time())
+    results: dict[int, SampleResult] = {}
+    last: dict[int, float] = {}
+    for i in range(body.n):
+        yield sse(chat_chunk(rid, created, state.model_name, i, {"role": "assistant", "content": ""}))
+    async for out in stream:
+        now = time.monotonic()
+        state.metrics.observe(out, last.get(out.index), now)
+        last[out.index] = now
+        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
+        logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
+        if out.new_text or logprobs:
+            yield sse(chat_chunk(rid, created, state.model_name, out.index, {"content": out.new_text}, logprobs=logprobs))
+        if out.finished:
+            r.finish_reason = out.finish_reason
+            yield sse(chat_chunk(rid, created, state.model_name, out.index, {}, finish_reason=out.finish_reason))
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                   "choices": [], "usage": usage_body(num_prompt, results)})
+    yield "data: [DONE]\n\n"
+
+
+async def completion_events(state, stream, rid, body, num_prompt, echo):
+    created = int(time.time())
+    results: dict[int, SampleResult] = {}
+    last: dict[int, float] = {}
+    if echo:
+        for i in range(body.n):
+            yield sse(completion_chunk(rid, created, state.model_name, i, echo))
+    async for out in stream:
+        now = time.monotonic()
+        state.metrics.observe(out, last.get(out.index), now)
+        last[out.index] = now
+        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
+        logprobs = (completion_logprobs(state.engine.engine.tokenizer, out.logprobs)
+                    if body.logprobs is not None else None)
+        if out.new_text or out.finished:
+            yield sse(completion_chunk(rid, created, state.model_name, out.index, out.new_text,
+                                       finish_reason=out.finish_reason if out.finished else None, logprobs=logprobs))
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                   "choices": [], "usage": usage_body(num_prompt, results)})
+    yield "data: [DONE]\n\n"
+
+
+def chat_logprobs(tokenizer, samples) -> dict:
+    def entry(token_id, logprob):
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [{**entry(s.token, s.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]} for s in samples]}
+
+
+def completion_logprobs(tokenizer, samples) -> dict:
+    tokens = [tokenizer.decode([s.token], skip_special_tokens=False) for s in samples]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
+            "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in s.top_logprobs}
+                             for s in samples], "text_offset": offsets}

@@ -1,0 +1,56 @@
+"""Server configuration: one validated dataclass, filled from options or MCSERVE_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+class ServerConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = ""                      # model directory; "" = the bundled model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    session_dir: str = ""                # "" = sessions in memory only (lost on restart)
+    api_key: str = ""                    # "" = no authentication
+    served_model_name: str = ""          # "" = the model directory's name
+    max_prompt_tokens: int = 65536
+    default_max_tokens: int = 256
+    max_queued_requests: int = 256
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    num_device_blocks: int = 2048
+    num_host_blocks: int = 2048
+    ckpt_dtype: str = "fp32"
+    max_sessions_in_memory: int = 256
+    max_session_memory_bytes: int = 2 << 30
+    max_sessions_on_disk: int = 100_000
+    max_session_disk_bytes: int = 64 << 30
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ServerConfigError(f"port must be in 1..65535, got {self.port}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" and value <= 0:
+                raise ServerConfigError(f"{f.name} must be > 0, got {value}")
+
+    @classmethod
+    def from_env(cls, overrides: dict, environ=os.environ) -> "ServerConfig":
+        """Options given on the command line win over MCSERVE_<NAME> variables, which win over defaults."""
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f"MCSERVE_{f.name.upper()}")
+            if raw is not None:
+                kind = type(f.default)
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ServerConfigError(f"MCSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
