@@ -29,6 +29,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._accepting = True
         self._stop = False
+        self._shutdown: asyncio.Future | None = None
         self._thread = threading.Thread(target=self._loop, name="mcserve-engine", daemon=True)
         self._thread.start()
         self.step_error: BaseException | None = None
@@ -77,6 +78,17 @@ class AsyncEngine:
         with self._lock:
             return fn(*args)
 
+    async def abort(self, group_id: str) -> list[RequestOutput]:
+        """Abort a request (all its samples) from outside its stream, e.g. when the client of a
+        streaming response disconnects; returns the final 'abort' outputs."""
+        def run():
+            outputs = self.engine.abort_group(group_id)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+                self._streams.pop(out.request_id, None)  # its consumer is gone
+            return outputs
+        return await self.call(run)
+
     def _abort_all(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             final = self.engine.abort(rid)
@@ -89,7 +101,12 @@ class AsyncEngine:
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_s`, then abort the rest
-        (a session saves what it has read) and stop the loop."""
+        (a session saves what it has read) and stop the loop. Safe to call more than once."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain(grace_s))
+        await asyncio.shield(self._shutdown)
+
+    async def _drain(self, grace_s: float) -> None:
         self._accepting = False
         deadline = asyncio.get_running_loop().time() + grace_s
         while self._streams and asyncio.get_running_loop().time() < deadline:

@@ -125,6 +125,11 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.group_id, seq.index, [], "", True, "abort",
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens)
 
+    def abort_group(self, group_id: str) -> list[RequestOutput]:
+        """Abort every sample of a request; their final outputs."""
+        ids = [rid for rid, seq in self.sequences.items() if seq.group_id == group_id]
+        return [out for rid in ids if (out := self.abort(rid)) is not None]
+
     # --- sessions --------------------------------------------------------------------------
     def _attach_session(self, seq: Sequence, session_id: str) -> None:
         if self.sessions is None:

@@ -6,6 +6,7 @@ engine errors become HTTP errors before any byte is streamed), then returns JSON
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -52,14 +53,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     app.state.mc = state
     errors.install(app)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {config.api_key}"):
-                return errors.error_response(401, "invalid API key: send 'Authorization: Bearer <key>'",
-                                             code="invalid_api_key")
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -93,12 +88,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens,
                                  body.top_logprobs if body.logprobs else None)
         session_id = session_of(body, request)
-        stream = await start(state, prompt_ids, params, body.n, session_id)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
+        stream = await start(state, prompt_ids, params, body.n, session_id, rid)
         if body.stream:
-            return StreamingResponse(chat_events(state, stream, rid, body, len(prompt_ids)),
+            events = chat_events(state, stream, rid, body, len(prompt_ids))
+            return StreamingResponse(abort_on_disconnect(request, state, rid, events),
                                      media_type="text/event-stream", headers=session_header(session_id))
-        outputs = await gather(state, stream, body.n)
+        outputs = await gather_unless_disconnected(request, state, rid, stream)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
                     "logprobs": chat_logprobs(tokenizer, o.samples) if body.logprobs else None,
                     "finish_reason": o.finish_reason} for i, o in sorted(outputs.items())]
@@ -118,13 +114,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
         params = sampling_params(state, body, body.max_tokens, body.logprobs)
         session_id = session_of(body, request)
-        stream = await start(state, prompt_ids, params, body.n, session_id)
         rid = f"cmpl-{secrets.token_hex(12)}"
+        stream = await start(state, prompt_ids, params, body.n, session_id, rid)
         echo = tokenizer.decode(prompt_ids) if body.echo else ""
         if body.stream:
-            return StreamingResponse(completion_events(state, stream, rid, body, len(prompt_ids), echo),
+            events = completion_events(state, stream, rid, body, len(prompt_ids), echo)
+            return StreamingResponse(abort_on_disconnect(request, state, rid, events),
                                      media_type="text/event-stream", headers=session_header(session_id))
-        outputs = await gather(state, stream, body.n)
+        outputs = await gather_unless_disconnected(request, state, rid, stream)
         choices = [{"index": i, "text": echo + o.text, "finish_reason": o.finish_reason,
                     "logprobs": completion_logprobs(tokenizer, o.samples) if body.logprobs is not None else None}
                    for i, o in sorted(outputs.items())]
@@ -157,6 +154,24 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     return app
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/*; probes and metrics stay open. Plain ASGI (not
+    BaseHTTPMiddleware, whose wrapped `receive` would report a disconnect that did not happen)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = errors.error_response(401, "invalid API key: send 'Authorization: Bearer <key>'",
+                                                 code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -220,7 +235,7 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
 
 
 async def start(state: ServerState, prompt_ids: list[int], params: SamplingParams, n: int,
-                session_id: str | None) -> AsyncIterator[RequestOutput]:
+                session_id: str | None, request_id: str) -> AsyncIterator[RequestOutput]:
     """Submit the request and wait for its first output, so that refusals are HTTP errors."""
     config = state.config
     if not prompt_ids:
@@ -234,7 +249,7 @@ async def start(state: ServerState, prompt_ids: list[int], params: SamplingParam
         raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
                               headers={"Retry-After": "1"})
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    stream = state.engine.generate(prompt_ids, params, n=n, session_id=session_id)
+    stream = state.engine.generate(prompt_ids, params, n=n, request_id=request_id, session_id=session_id)
     try:
         first = await stream.__anext__()
     except SessionError as e:
@@ -258,6 +273,41 @@ async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> 
         await rest.aclose()  # a client that went away aborts the request
 
 
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+def abort_when_done(watcher: asyncio.Task, state: ServerState, rid: str) -> None:
+    """When `watcher` sees the client disconnect, abort the request and count it."""
+    async def abort():
+        for out in await state.engine.abort(rid):
+            state.metrics.request_success.labels(finished_reason=out.finish_reason).inc()
+    watcher.add_done_callback(lambda t: t.cancelled() or asyncio.create_task(abort()))
+
+
+async def abort_on_disconnect(request: Request, state: ServerState, rid: str, events: AsyncIterator[str]):
+    """Stream `events`; if the client goes away first, abort the request (freeing its slot and
+    blocks; a session keeps what was read)."""
+    watcher = asyncio.create_task(wait_for_disconnect(request))
+    abort_when_done(watcher, state, rid)
+    try:
+        async for event in events:
+            yield event
+    finally:
+        watcher.cancel()
+
+
+async def gather_unless_disconnected(request: Request, state: ServerState, rid: str,
+                                     stream: AsyncIterator[RequestOutput]) -> dict[int, "SampleResult"]:
+    watcher = asyncio.create_task(wait_for_disconnect(request))
+    abort_when_done(watcher, state, rid)
+    try:
+        return await gather(state, stream)
+    finally:
+        watcher.cancel()
+
+
 @dataclass
 class SampleResult:
     text: str = ""
@@ -267,7 +317,7 @@ class SampleResult:
     samples: list = None
 
 
-async def gather(state: ServerState, stream: AsyncIterator[RequestOutput], n: int) -> dict[int, SampleResult]:
+async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> dict[int, SampleResult]:
     results: dict[int, SampleResult] = {}
     last: dict[int, float] = {}
     async for out in stream:

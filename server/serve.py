@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import uvicorn
@@ -32,8 +33,30 @@ def create_app(config: ServerConfig) -> FastAPI:
     return build_app(engine, config, config.served_model_name or model_dir.name)
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, start draining the engine at once (stop accepting; in-flight requests
+    get `shutdown_grace_s` to finish, then end with finish_reason 'abort', their sessions saved),
+    so their responses complete before uvicorn closes the connections."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float):
+        super().__init__(config)
+        self.app, self.grace_s, self.loop = app, grace_s, None
+
+    async def _serve(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super()._serve(sockets)
+        # The drain is done: exit with status 0 rather than re-raising the signal (uvicorn's default).
+        getattr(self, "_captured_signals", []).clear()
+
+    def handle_exit(self, sig, frame) -> None:
+        engine = self.app.state.mc.engine
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(engine.shutdown(self.grace_s)))
+        super().handle_exit(sig, frame)
+
+
 def run_server(config: ServerConfig) -> None:
     app = create_app(config)
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: the app's lifespan then lets
-    # in-flight requests finish (or saves them) before the process exits.
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                               timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10)
+    DrainingServer(uv_config, app, config.shutdown_grace_s).run()

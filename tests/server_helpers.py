@@ -1,0 +1,50 @@
+"""A real mcserve server on loopback, in a thread, for the HTTP tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+import models
+from server.config import ServerConfig
+from server.serve import create_app
+from tests.helpers import tiny_model
+
+MODEL_NAME = "tiny-mc"
+
+
+def save_tiny_model(path):
+    model = tiny_model(memory="gla", aggregation="grm", vocab_size=260, segment_size=8)
+    model.tokenizer = models.byte_tokenizer()
+    models.save(model, path / MODEL_NAME)
+    return path / MODEL_NAME
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir, session_dir=None, **options):
+    config = ServerConfig(model=str(model_dir), port=free_port(), session_dir=str(session_dir or ""),
+                          shutdown_grace_s=2.0, default_max_tokens=16, **options)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
