@@ -36,8 +36,8 @@ class AsyncEngine:
 
     # --- requests --------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
-                       request_id: str | None = None, session_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, session_id: str | None = None,
+                       resume_from: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of `n` samples (each output names its `index`). Errors in the
         request (bad prompt, busy session...) are raised before the first output."""
         if not self._accepting:
@@ -46,7 +46,8 @@ class AsyncEngine:
 
         def add():
             if session_id is not None:
-                seqs = [self.engine.add_request(prompt_ids, params, request_id, session_id=session_id)]
+                seqs = [self.engine.add_request(prompt_ids, params, request_id, session_id=session_id,
+                                                resume_from=resume_from)]
             else:
                 seqs = self.engine.add_group(prompt_ids, params, n, request_id)
             for seq in seqs:

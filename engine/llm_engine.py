@@ -68,10 +68,12 @@ class LLMEngine:
 
     # --- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    session_id: str | None = None) -> Sequence:
+                    session_id: str | None = None, resume_from: str | None = None) -> Sequence:
         """Queue a request. With `session_id`, the session's saved state is resumed: if its tokens
         are a prefix of the prompt only the rest is read; if the prompt diverges, reading restarts
-        from the last checkpoint at or before the divergence. Raises EngineError, SessionError."""
+        from the last checkpoint at or before the divergence. With `resume_from`, the state is read
+        from that session and saved under `session_id` (a branch: the Responses API's
+        `previous_response_id`). Raises EngineError, SessionError."""
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -84,7 +86,7 @@ class LLMEngine:
             raise EngineError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params)
         if session_id is not None:
-            self._attach_session(seq, session_id)
+            self._attach_session(seq, session_id, resume_from or session_id)
         self.sequences[request_id] = seq
         self._generators[request_id] = make_generator(params, self.runner.device)
         if self.tokenizer is not None:
@@ -131,14 +133,14 @@ class LLMEngine:
         return [out for rid in ids if (out := self.abort(rid)) is not None]
 
     # --- sessions --------------------------------------------------------------------------
-    def _attach_session(self, seq: Sequence, session_id: str) -> None:
+    def _attach_session(self, seq: Sequence, session_id: str, source_id: str) -> None:
         if self.sessions is None:
             raise EngineError("sessions are not enabled on this engine")
         check_session_id(session_id)
         if session_id in self._active_sessions:
             raise SessionError(f"session {session_id!r} is busy with another request", "busy")
         started = time.monotonic()
-        saved = self.sessions.get(session_id)  # SessionError for a corrupt or foreign file
+        saved = self.sessions.get(source_id)  # SessionError for a corrupt or foreign file
         seq.resume_seconds = time.monotonic() - started if saved is not None else None
         seq.session_id = session_id
         self._active_sessions[session_id] = seq.request_id

@@ -26,6 +26,7 @@ from . import errors
 from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .responses import responses_router
 from .streaming import chat_chunk, completion_chunk, sse, usage_body
 
 VERSION = "0.1.0"
@@ -153,6 +154,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
             raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
+    app.include_router(responses_router(state))
     return app
 
 
@@ -235,7 +237,8 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
 
 
 async def start(state: ServerState, prompt_ids: list[int], params: SamplingParams, n: int,
-                session_id: str | None, request_id: str) -> AsyncIterator[RequestOutput]:
+                session_id: str | None, request_id: str, resume_from: str | None = None
+                ) -> AsyncIterator[RequestOutput]:
     """Submit the request and wait for its first output, so that refusals are HTTP errors."""
     config = state.config
     if not prompt_ids:
@@ -249,7 +252,8 @@ async def start(state: ServerState, prompt_ids: list[int], params: SamplingParam
         raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
                               headers={"Retry-After": "1"})
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    stream = state.engine.generate(prompt_ids, params, n=n, request_id=request_id, session_id=session_id)
+    stream = state.engine.generate(prompt_ids, params, n=n, request_id=request_id, session_id=session_id,
+                                   resume_from=resume_from)
     try:
         first = await stream.__anext__()
     except SessionError as e:

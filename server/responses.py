@@ -1,0 +1,170 @@
+"""`POST /v1/responses`, backed by sessions.
+
+A stored response keeps its conversation (messages, as JSON) and its model state (a session named
+by the response id). `previous_response_id` continues from that state: the new response renders
+the whole conversation but reads only what the previous one had not, and is saved as a new branch,
+so the previous response stays reusable. `store: false` saves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.params import SamplingParams
+
+from . import errors
+from .protocol import ResponsesRequest
+
+
+class ResponseStore:
+    """Stored responses' conversations: in memory, and as JSON files next to the sessions."""
+
+    def __init__(self, directory: str | None):
+        self.directory = Path(directory) / "responses" if directory else None
+        self.records: dict[str, dict] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def get(self, response_id: str) -> dict | None:
+        if response_id in self.records:
+            return self.records[response_id]
+        path = self._path(response_id)
+        if path is not None and path.is_file():
+            self.records[response_id] = json.loads(path.read_text())
+            return self.records[response_id]
+        return None
+
+    def put(self, response_id: str, record: dict) -> None:
+        self.records[response_id] = record
+        path = self._path(response_id)
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+
+    def _path(self, response_id: str) -> Path | None:
+        if self.directory is None or not response_id.replace("_", "").isalnum():
+            return None
+        return self.directory / f"{response_id}.json"
+
+
+def responses_router(state) -> APIRouter:
+    from .app import abort_on_disconnect, check_model, gather_unless_disconnected, start  # noqa: PLC0415
+
+    router = APIRouter()
+    store = ResponseStore(state.config.session_dir or None)
+    sessions_enabled = state.engine.engine.sessions is not None
+
+    @router.post("/v1/responses")
+    async def create(body: ResponsesRequest, request: Request):
+        check_model(state, body.model)
+        history: list[dict] = []
+        if body.previous_response_id:
+            previous = store.get(body.previous_response_id)
+            if previous is None:
+                raise errors.APIError(404, f"no stored response {body.previous_response_id!r}",
+                                      param="previous_response_id", code="previous_response_not_found")
+            history = previous["messages"]
+        new_items = ([{"role": "user", "content": body.input}] if isinstance(body.input, str)
+                     else [{"role": m.role, "content": m.text()} for m in body.input])
+        conversation = history + new_items
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        tokenizer = state.engine.engine.tokenizer
+        prompt_ids = tokenizer.encode(tokenizer.render_chat(system + conversation, add_generation_prompt=True))
+        params = SamplingParams(max_tokens=body.max_output_tokens or state.config.default_max_tokens,
+                                temperature=body.temperature, top_p=body.top_p,
+                                stop_token_ids=tuple(tokenizer.eos_ids))
+        rid = f"resp_{secrets.token_hex(12)}"
+        saving = body.store and sessions_enabled
+        resume_from = body.previous_response_id if saving and body.previous_response_id else None
+        stream = await start(state, prompt_ids, params, 1, rid if saving else None, rid, resume_from)
+        created = int(time.time())
+
+        def finish(text: str, result) -> dict:
+            response = response_object(rid, created, state.model_name, body, text, result, len(prompt_ids))
+            if body.store:
+                store.put(rid, {"messages": conversation + [{"role": "assistant", "content": text}],
+                                "response": response})
+            return response
+
+        if body.stream:
+            events = stream_events(state, stream, rid, created, body, finish)
+            return StreamingResponse(abort_on_disconnect(request, state, rid, events), media_type="text/event-stream")
+        results = await gather_unless_disconnected(request, state, rid, stream)
+        return JSONResponse(finish(results[0].text, results[0]))
+
+    @router.get("/v1/responses/{response_id}")
+    async def retrieve(response_id: str):
+        record = store.get(response_id)
+        if record is None:
+            raise errors.APIError(404, f"no stored response {response_id!r}", code="response_not_found")
+        return record["response"]
+
+    return router
+
+
+def response_object(rid, created, model, body: ResponsesRequest, text, result, num_prompt) -> dict:
+    complete = result.finish_reason != "length"
+    return {
+        "id": rid, "object": "response", "created_at": created, "model": model,
+        "status": "completed" if complete else "incomplete",
+        "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+        "error": None, "instructions": body.instructions, "previous_response_id": body.previous_response_id,
+        "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
+        "max_output_tokens": body.max_output_tokens, "parallel_tool_calls": False, "tool_choice": "none",
+        "tools": [], "text": {"format": {"type": "text"}}, "user": body.user, "metadata": {},
+        "output": [{"type": "message", "id": f"msg_{rid[5:]}", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": num_prompt, "output_tokens": result.num_tokens,
+                  "total_tokens": num_prompt + result.num_tokens,
+                  "input_tokens_details": {"cached_tokens": result.num_reused},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+async def stream_events(state, stream, rid, created, body, finish):
+    """The Responses API's typed SSE events, ending with `response.completed`."""
+    from .app import SampleResult  # noqa: PLC0415
+    seq = 0
+
+    def event(kind: str, **fields) -> str:
+        nonlocal seq
+        seq += 1
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **fields})}\n\n"
+
+    msg_id = f"msg_{rid[5:]}"
+    shell = {"id": rid, "object": "response", "created_at": created, "model": state.model_name,
+             "status": "in_progress", "output": []}
+    yield event("response.created", response=shell)
+    yield event("response.in_progress", response=shell)
+    item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
+    yield event("response.output_item.added", output_index=0, item=item)
+    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []})
+    result, text, last = SampleResult(samples=[]), "", None
+    async for out in stream:
+        now = time.monotonic()
+        state.metrics.observe(out, last, now)
+        last = now
+        result.num_tokens, result.num_reused = out.num_output_tokens, out.num_reused_tokens
+        if out.new_text:
+            text += out.new_text
+            yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                        delta=out.new_text)
+        if out.finished:
+            result.finish_reason = out.finish_reason
+    part = {"type": "output_text", "text": text, "annotations": []}
+    yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text)
+    yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
+    yield event("response.output_item.done", output_index=0,
+                item={**item, "status": "completed", "content": [part]})
+    response = finish(text, result)
+    yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
+                response=response)
