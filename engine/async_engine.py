@@ -24,6 +24,9 @@ class EngineStopped(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        # Called (in the engine thread) with every output as it is produced, aborts included:
+        # the one place where metrics see each request finish exactly once.
+        self.on_output: Callable[[RequestOutput], None] | None = None
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -145,6 +148,8 @@ class AsyncEngine:
                 continue
 
     def _deliver(self, request_id: str, item) -> None:
+        if self.on_output is not None and isinstance(item, RequestOutput):
+            self.on_output(item)
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, queue = stream

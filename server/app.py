@@ -44,6 +44,7 @@ class ServerState:
 
 def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
     state = ServerState(engine, config, Metrics(engine.engine), model_name, int(time.time()))
+    engine.on_output = state.metrics.observe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -282,30 +283,35 @@ async def wait_for_disconnect(request: Request) -> None:
         continue
 
 
-def abort_when_done(watcher: asyncio.Task, state: ServerState, rid: str) -> None:
-    """When `watcher` sees the client disconnect, abort the request and count it."""
-    async def abort():
-        for out in await state.engine.abort(rid):
-            state.metrics.request_success.labels(finished_reason=out.finish_reason).inc()
-    watcher.add_done_callback(lambda t: t.cancelled() or asyncio.create_task(abort()))
+BACKGROUND: set[asyncio.Task] = set()  # tasks must be referenced until done, or they may be collected
+
+
+def schedule_abort(state: ServerState, rid: str) -> None:
+    """Abort a request in a task of its own: the caller may be a cancelled scope (a response
+    whose client went away), where an await would be cancelled too."""
+    job = asyncio.get_running_loop().create_task(state.engine.abort(rid))
+    BACKGROUND.add(job)
+    job.add_done_callback(BACKGROUND.discard)
 
 
 async def abort_on_disconnect(request: Request, state: ServerState, rid: str, events: AsyncIterator[str]):
-    """Stream `events`; if the client goes away first, abort the request (freeing its slot and
-    blocks; a session keeps what was read)."""
-    watcher = asyncio.create_task(wait_for_disconnect(request))
-    abort_when_done(watcher, state, rid)
+    """Stream `events`; if the stream stops early (Starlette cancels it when the client goes away),
+    abort the request, freeing its slot and blocks (a session keeps what was read)."""
+    finished = False
     try:
         async for event in events:
             yield event
+        finished = True
     finally:
-        watcher.cancel()
+        if not finished:
+            schedule_abort(state, rid)
 
 
 async def gather_unless_disconnected(request: Request, state: ServerState, rid: str,
                                      stream: AsyncIterator[RequestOutput]) -> dict[int, "SampleResult"]:
+    # A plain JSON response does not watch its connection, so watch it here.
     watcher = asyncio.create_task(wait_for_disconnect(request))
-    abort_when_done(watcher, state, rid)
+    watcher.add_done_callback(lambda t: t.cancelled() or schedule_abort(state, rid))
     try:
         return await gather(state, stream)
     finally:
@@ -323,11 +329,7 @@ class SampleResult:
 
 async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> dict[int, SampleResult]:
     results: dict[int, SampleResult] = {}
-    last: dict[int, float] = {}
     async for out in stream:
-        now = time.monotonic()
-        state.metrics.observe(out, last.get(out.index), now)
-        last[out.index] = now
         r = results.setdefault(out.index, SampleResult(samples=[]))
         r.text += out.new_text
         r.samples += out.logprobs
@@ -340,13 +342,9 @@ async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> di
 async def chat_events(state, stream, rid, body, num_prompt):
     created = int(time.time())
     results: dict[int, SampleResult] = {}
-    last: dict[int, float] = {}
     for i in range(body.n):
         yield sse(chat_chunk(rid, created, state.model_name, i, {"role": "assistant", "content": ""}))
     async for out in stream:
-        now = time.monotonic()
-        state.metrics.observe(out, last.get(out.index), now)
-        last[out.index] = now
         r = results.setdefault(out.index, SampleResult(samples=[]))
         r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
         logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
@@ -364,14 +362,10 @@ async def chat_events(state, stream, rid, body, num_prompt):
 async def completion_events(state, stream, rid, body, num_prompt, echo):
     created = int(time.time())
     results: dict[int, SampleResult] = {}
-    last: dict[int, float] = {}
     if echo:
         for i in range(body.n):
             yield sse(completion_chunk(rid, created, state.model_name, i, echo))
     async for out in stream:
-        now = time.monotonic()
-        state.metrics.observe(out, last.get(out.index), now)
-        last[out.index] = now
         r = results.setdefault(out.index, SampleResult(samples=[]))
         r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
         logprobs = (completion_logprobs(state.engine.engine.tokenizer, out.logprobs)

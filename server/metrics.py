@@ -7,6 +7,8 @@ swaps) is read at scrape time by a collector, so it is never stale.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -95,18 +97,23 @@ class Metrics:
         self.resume = Histogram(P + "session_resume_latency_seconds", "Time to load a saved session.",
                                 buckets=LATENCY_BUCKETS, registry=r)
         r.register(EngineCollector(engine))
+        self._last_token: dict[str, float] = {}
 
-    def observe(self, out: RequestOutput, last_time: float | None, now: float) -> None:
-        """Record one streamed output; `last_time` is when this sample's previous token came."""
+    def observe(self, out: RequestOutput) -> None:
+        """Record one output as the engine produces it (called from the engine thread)."""
+        now = time.monotonic()
         self.generation_tokens.inc(len(out.new_token_ids))
-        if last_time is None and out.first_token_time is not None:
+        last = self._last_token.get(out.request_id)
+        if last is None and out.first_token_time is not None:
             self.ttft.observe(out.first_token_time - out.arrival_time)
             if out.first_scheduled_time is not None:
                 self.queue.observe(max(0.0, out.first_scheduled_time - out.arrival_time))
             if out.resume_seconds is not None:
                 self.resume.observe(out.resume_seconds)
-        elif last_time is not None and out.new_token_ids:
-            self.itl.observe(now - last_time)
+        elif last is not None and out.new_token_ids:
+            self.itl.observe(now - last)
+        self._last_token[out.request_id] = now
         if out.finished:
+            self._last_token.pop(out.request_id, None)
             self.e2e.observe(now - out.arrival_time)
             self.request_success.labels(finished_reason=out.finish_reason or "unknown").inc()

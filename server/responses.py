@@ -148,11 +148,8 @@ async def stream_events(state, stream, rid, created, body, finish):
     yield event("response.output_item.added", output_index=0, item=item)
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
                 part={"type": "output_text", "text": "", "annotations": []})
-    result, text, last = SampleResult(samples=[]), "", None
+    result, text = SampleResult(samples=[]), ""
     async for out in stream:
-        now = time.monotonic()
-        state.metrics.observe(out, last, now)
-        last = now
         result.num_tokens, result.num_reused = out.num_output_tokens, out.num_reused_tokens
         if out.new_text:
             text += out.new_text
