@@ -116,6 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[0, 8, 32])
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per run")
     parser.add_argument("--history", type=int, default=16384, help="tokens in the resumed conversation")
+    parser.add_argument("--ckpt-dtype", default="fp32", choices=["fp32", "bf16"], help="checkpoint storage")
+    parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -123,15 +125,17 @@ def main(argv=None) -> None:
     model = models.load(args.model or models.default_model_path())
     config = EngineConfig(max_num_seqs=max(args.batches), max_num_batched_tokens=4096,
                           num_device_blocks=max(args.batches) * (max(args.checkpoints) + 2) + 8,
-                          num_host_blocks=0, max_prefill_chunk=2048)
+                          num_host_blocks=0, max_prefill_chunk=2048, ckpt_dtype=args.ckpt_dtype)
     big = EngineConfig(max_num_seqs=4, max_num_batched_tokens=4096, max_prefill_chunk=2048, num_host_blocks=0,
                        num_device_blocks=args.history // model.config.segment_size + 8)
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"model {model.num_parameters() / 1e6:.1f}M params, {model.config.memory}/{model.config.aggregation}, "
-          f"segment {model.config.segment_size}")
+          f"segment {model.config.segment_size}, {args.ckpt_dtype} checkpoints")
     print("| batch | cached checkpoints/seq | batched tok/s | one-at-a-time tok/s | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     bench_decode(model, args.batches, args.checkpoints, args.steps, config)
+    if args.skip_resume:
+        return
     print("\n| time to first token | time | vs re-prefill |")
     print("|---|---:|---:|")
     bench_resume(model, args.history, 16, big)

@@ -51,11 +51,10 @@ class PooledCheckpoints:
             blocks = self.table.gather(1, index.flatten(1)).view(B, H, n)
         rows = (blocks * H + torch.arange(H, device=blocks.device)[None, :, None]).flatten(0, 1)
         flat = self.pool.view(N * H, dk * dv)
-        if flat.dtype == torch.float32:
-            out = F.embedding_bag(rows, flat, per_sample_weights=weights.flatten(0, 1), mode="sum")
-        else:  # low-precision storage: gather, then accumulate in fp32
-            out = (weights.flatten(0, 1)[:, None, :] @ flat[rows].float())[:, 0]
-        return out.view(B, H, dk, dv)
+        # bf16 storage reads half the bytes (4x faster here); the gates and the sum are rounded
+        # to bf16 too, a relative error of ~2e-3 on top of storing the checkpoints in bf16.
+        out = F.embedding_bag(rows, flat, per_sample_weights=weights.flatten(0, 1).to(flat.dtype), mode="sum")
+        return out.view(B, H, dk, dv).float()
 
     def total(self) -> torch.Tensor:
         B, n = self.table.shape
