@@ -1,7 +1,5 @@
-"""Single-sequence streaming generation on the model's own prefill/decode path.
-
-Used by `mcserve generate`; the serving engine batches many sequences instead.
-"""
+"""Single-sequence generation on the model's own prefill/decode path (no engine): the plainest
+way to generate, used to check the engine and the bundled model against the model itself."""
 
 from __future__ import annotations
 
@@ -32,17 +30,3 @@ def generate_ids(model: MCModel, prompt_ids: list[int], params: SamplingParams,
             return
         yield token
         logits = model.decode(torch.tensor([token], device=device), state)[0]
-
-
-def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
-    generated: list[int] = []
-    emitted = ""
-    for token in ids:
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):
-            continue  # a multi-byte character is not complete yet
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
-            emitted = text

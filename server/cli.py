@@ -36,7 +36,8 @@ def load_model(path: str | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from engine.generate import generate_ids, stream_text
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
     from engine.params import SamplingError, SamplingParams
     model = load_model(args.model)
     tok = model.tokenizer
@@ -56,8 +57,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CLIError("the prompt is empty")
     if not args.chat:
         print(args.prompt, end="", flush=True)
-    for piece in stream_text(tok, generate_ids(model, ids, params)):
-        print(piece, end="", flush=True)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=1, max_num_batched_tokens=2048, num_device_blocks=
+                                           len(ids) // model.config.segment_size + args.max_tokens // 8 + 8,
+                                           num_host_blocks=0))
+    engine.add_request(ids, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.new_text, end="", flush=True)
     print()
 
 
