@@ -19,6 +19,7 @@ class EngineConfig:
     max_prefill_chunk: int = 1024       # longest prefill chunk; cut on segment boundaries
     enable_prefix_reuse: bool = True
     max_waiting: int = 1024             # queued requests before add_request refuses (429 upstream)
+    kernels: str = "auto"               # decode on Triton kernels: auto (on CUDA), triton, torch
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_device_blocks", "max_prefill_chunk",
@@ -29,6 +30,8 @@ class EngineConfig:
             raise EngineConfigError(f"engine option 'num_host_blocks' must be >= 0, got {self.num_host_blocks}")
         if self.ckpt_dtype not in ("fp32", "bf16"):
             raise EngineConfigError(f"engine option 'ckpt_dtype' must be one of ['fp32', 'bf16'], got {self.ckpt_dtype!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise EngineConfigError(f"engine option 'kernels' must be one of ['auto', 'triton', 'torch'], got {self.kernels!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise EngineConfigError("engine option 'max_num_batched_tokens' must be >= 'max_num_seqs' "
                                     "(every running sequence decodes one token per step)")

@@ -22,6 +22,7 @@ from models import MCModel
 from models.state import LayerState
 
 from .config import EngineConfig
+from .triton_path import triton_decode_step
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,6 +84,7 @@ class ModelRunner:
                 tensors["block_conv"] = torch.zeros(L, n, *conv_shape, device=device)
             return tensors
 
+        self.use_triton = config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda")
         self.blocks = pool(config.num_device_blocks, self.device)
         self.host_blocks = pool(config.num_host_blocks, "cpu")
         S = config.max_num_seqs
@@ -163,11 +165,17 @@ class ModelRunner:
         S = self.segment_size
 
         table, mask = self._padded(block_tables)
+        slot_ids = torch.tensor(slots, device=self.device)
+        lengths = torch.tensor([len(t) for t in block_tables], device=self.device)
 
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
             st = self._slot_state(i, slots)
-            source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
-            y, M, key_sum = mixer.decode_step(x, st, pos, source)
+            if self.use_triton:
+                y, M, key_sum = triton_decode_step(mixer, x, st, pos, self.slots["online"][i], slot_ids,
+                                                   self.blocks["ckpt"][i], self.blocks["summary"][i], table, lengths)
+            else:
+                source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
+                y, M, key_sum = mixer.decode_step(x, st, pos, source)
             if ends:
                 conv = st.conv_tail[ends] if st.conv_tail is not None else None
                 self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)

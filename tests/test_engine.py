@@ -164,3 +164,18 @@ def test_n_samples_share_the_prompt_checkpoints():
         assert seq.output_ids == alone
     assert len({tuple(s.output_ids) for s in seqs}) > 1
     assert_pools_empty(engine)
+
+
+@pytest.mark.parametrize("memory,aggregation", [("gla", "grm"), ("delta", "ssc"), ("linear", "residual"),
+                                                ("gla", "soup"), ("delta", "none")])
+def test_engine_on_triton_kernels_equals_torch_path(memory, aggregation):
+    """End to end: the decode kernels (Triton interpreter on the CPU, real on CUDA) give the same
+    greedy outputs as the torch path."""
+    model = tiny_model(memory=memory, aggregation=aggregation)
+    ps = prompts(3, seed=2, lengths=(12, 3, 7))
+    params = SamplingParams(max_tokens=9, temperature=0.0)
+    torch_out = make_engine(model, kernels="torch").generate(ps, params)
+    engine = make_engine(model, kernels="triton")
+    assert engine.runner.use_triton
+    assert engine.generate(ps, params) == torch_out
+    assert_pools_empty(engine)
