@@ -204,10 +204,11 @@ class LLMEngine:
         for seq, pairs in plan.swap_in:
             self.runner.copy_blocks(pairs, "host", "device")
             self.runner.write_slot(seq.slot, self._swapped_slots.pop(seq.request_id))
-        for seq, slot, blocks in plan.restores:
+        for seq, slot, blocks, first_missing in plan.restores:
             saved, exact = self._resume.pop(seq.request_id)
-            if blocks:
-                self.runner.write_blocks(blocks, {k: v[:, :len(blocks)] for k, v in saved.blocks.items()})
+            if len(blocks) > first_missing:
+                self.runner.write_blocks(blocks[first_missing:], {
+                    k: v[:, first_missing:len(blocks)] for k, v in saved.blocks.items()})
             if exact:
                 self.runner.write_slot(slot, saved.slot)
             else:

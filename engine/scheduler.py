@@ -47,8 +47,9 @@ class StepPlan:
     swap_out: list[tuple[Sequence, int, list[tuple[int, int]]]] = field(default_factory=list)
     swap_in: list[tuple[Sequence, list[tuple[int, int]]]] = field(default_factory=list)
     slot_inits: list[tuple[int, int | None]] = field(default_factory=list)  # (slot, last reused block)
-    # Sessions resumed: (sequence, its slot, the device blocks to fill with its saved checkpoints)
-    restores: list[tuple[Sequence, int, list[int]]] = field(default_factory=list)
+    # Sessions resumed: (sequence, its slot, its block table, index of the first block to fill
+    # from the saved state; those before it were still cached on the device)
+    restores: list[tuple[Sequence, int, list[int], int]] = field(default_factory=list)
     prefills: list[PrefillWork] = field(default_factory=list)
     decodes: list[DecodeWork] = field(default_factory=list)
 
@@ -243,12 +244,18 @@ class Scheduler:
     def _take_state(self, seq: Sequence, plan: StepPlan) -> bool:
         """A slot, and the blocks of a resumed session or a reused prefix."""
         if seq.resume_blocks is not None:
-            if not self.pool.device.can_allocate(seq.resume_blocks + 1):
+            # Blocks of the session still cached on the device (same tokens, same checkpoints)
+            # are shared; only the missing ones are installed from the saved state.
+            hashes = segment_hashes(seq.all_ids[:seq.resume_blocks * self.segment_size], self.segment_size)
+            shared = self.pool.device.lookup(hashes) if self.config.enable_prefix_reuse else []
+            if not self.pool.device.can_allocate(seq.resume_blocks - len(shared) + 1):
+                self.pool.release_all(shared)
                 return False
-            seq.block_table = [self.pool.device.allocate() for _ in range(seq.resume_blocks)]
-            self._publish(seq, 0)
+            fresh = [self.pool.device.allocate() for _ in range(seq.resume_blocks - len(shared))]
+            seq.block_table = shared + fresh
+            self._publish(seq, len(shared))
             seq.slot = self.free_slots.pop()
-            plan.restores.append((seq, seq.slot, list(seq.block_table)))
+            plan.restores.append((seq, seq.slot, list(seq.block_table), len(shared)))
             return True
         reused = self._reuse_prefix(seq)
         seq.slot = self.free_slots.pop()
