@@ -30,6 +30,10 @@ class EngineError(ValueError):
     """A request the engine refuses (bad prompt, queue full); the message says why."""
 
 
+class QueueFull(EngineError):
+    """Too many requests are waiting; try again shortly."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -80,7 +84,7 @@ class LLMEngine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise EngineError(f"too many queued requests ({self.config.max_waiting})")
+            raise QueueFull(f"too many queued requests ({self.config.max_waiting})")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise EngineError(f"request id {request_id!r} is already in use")
@@ -291,4 +295,4 @@ class LLMEngine:
                 "swapped": len(self.scheduler.swapped)}
 
 
-__all__ = ["LLMEngine", "RequestOutput", "EngineError", "SequenceStatus"]
+__all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "SequenceStatus"]

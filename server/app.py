@@ -11,14 +11,14 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped
-from engine.llm_engine import EngineError, RequestOutput
+from engine.llm_engine import EngineError, QueueFull, RequestOutput
 from engine.params import SamplingError, SamplingParams
 from engine.session_index import SessionError, check_session_id
 
@@ -94,7 +94,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         stream = await start(state, prompt_ids, params, body.n, session_id, rid)
         if body.stream:
             events = chat_events(state, stream, rid, body, len(prompt_ids))
-            return StreamingResponse(abort_on_disconnect(request, state, rid, events),
+            return StreamingResponse(abort_on_disconnect(state, rid, events),
                                      media_type="text/event-stream", headers=session_header(session_id))
         outputs = await gather_unless_disconnected(request, state, rid, stream)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
@@ -121,7 +121,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         echo = tokenizer.decode(prompt_ids) if body.echo else ""
         if body.stream:
             events = completion_events(state, stream, rid, body, len(prompt_ids), echo)
-            return StreamingResponse(abort_on_disconnect(request, state, rid, events),
+            return StreamingResponse(abort_on_disconnect(state, rid, events),
                                      media_type="text/event-stream", headers=session_header(session_id))
         outputs = await gather_unless_disconnected(request, state, rid, stream)
         choices = [{"index": i, "text": echo + o.text, "finish_reason": o.finish_reason,
@@ -262,9 +262,9 @@ async def start(state: ServerState, prompt_ids: list[int], params: SamplingParam
                               code=f"session_{e.code}") from None
     except EngineStopped as e:
         raise errors.APIError(503, str(e), code="shutting_down") from None
+    except QueueFull as e:
+        raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
     except EngineError as e:
-        if "too many queued" in str(e):
-            raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         raise errors.APIError(400, str(e), param="prompt") from None
     return _prepend(first, stream)
 
@@ -294,7 +294,7 @@ def schedule_abort(state: ServerState, rid: str) -> None:
     job.add_done_callback(BACKGROUND.discard)
 
 
-async def abort_on_disconnect(request: Request, state: ServerState, rid: str, events: AsyncIterator[str]):
+async def abort_on_disconnect(state: ServerState, rid: str, events: AsyncIterator[str]):
     """Stream `events`; if the stream stops early (Starlette cancels it when the client goes away),
     abort the request, freeing its slot and blocks (a session keeps what was read)."""
     finished = False
@@ -324,13 +324,13 @@ class SampleResult:
     finish_reason: str | None = None
     num_tokens: int = 0
     num_reused: int = 0
-    samples: list = None
+    samples: list = field(default_factory=list)
 
 
 async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> dict[int, SampleResult]:
     results: dict[int, SampleResult] = {}
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r = results.setdefault(out.index, SampleResult())
         r.text += out.new_text
         r.samples += out.logprobs
         r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
@@ -345,7 +345,7 @@ async def chat_events(state, stream, rid, body, num_prompt):
     for i in range(body.n):
         yield sse(chat_chunk(rid, created, state.model_name, i, {"role": "assistant", "content": ""}))
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r = results.setdefault(out.index, SampleResult())
         r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
         logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
         if out.new_text or logprobs:
@@ -366,7 +366,7 @@ async def completion_events(state, stream, rid, body, num_prompt, echo):
         for i in range(body.n):
             yield sse(completion_chunk(rid, created, state.model_name, i, echo))
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult(samples=[]))
+        r = results.setdefault(out.index, SampleResult())
         r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
         logprobs = (completion_logprobs(state.engine.engine.tokenizer, out.logprobs)
                     if body.logprobs is not None else None)

@@ -96,7 +96,7 @@ def responses_router(state) -> APIRouter:
 
         if body.stream:
             events = stream_events(state, stream, rid, created, body, finish)
-            return StreamingResponse(abort_on_disconnect(request, state, rid, events), media_type="text/event-stream")
+            return StreamingResponse(abort_on_disconnect(state, rid, events), media_type="text/event-stream")
         results = await gather_unless_disconnected(request, state, rid, stream)
         return JSONResponse(finish(results[0].text, results[0]))
 
@@ -148,7 +148,7 @@ async def stream_events(state, stream, rid, created, body, finish):
     yield event("response.output_item.added", output_index=0, item=item)
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
                 part={"type": "output_text", "text": "", "annotations": []})
-    result, text = SampleResult(samples=[]), ""
+    result, text = SampleResult(), ""
     async for out in stream:
         result.num_tokens, result.num_reused = out.num_output_tokens, out.num_reused_tokens
         if out.new_text:
