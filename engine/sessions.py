@@ -204,10 +204,14 @@ class SessionStore:
                 "nbytes": str(state.nbytes), "created": repr(state.created)}
         final = self._path(session_id)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+            raise
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -62,6 +62,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     async def health():
         if engine.step_error is not None:
             return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
+        store = engine.engine.sessions
+        writer = store.writer if store is not None else None
+        if writer is not None and writer.errors:  # serving works, persistence does not
+            return {"status": "degraded", "session_write_errors": writer.errors[-3:]}
         return {"status": "ok"}
 
     @app.get("/version")

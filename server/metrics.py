@@ -63,6 +63,9 @@ class EngineCollector:
                 session_bytes.add_metric([tier], index.nbytes(tier))
             yield sessions
             yield session_bytes
+            writer = e.sessions.writer
+            yield _counter("session_write_errors", "Session files that could not be written.",
+                           len(writer.errors) if writer is not None else 0)
         yield evictions
         yield swaps
 

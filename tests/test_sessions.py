@@ -163,3 +163,16 @@ def test_memory_tier_evicts_to_disk_and_disk_tier_evicts_lru(model, tmp_path):
     assert store.get("s2") is not None and store.delete("s2") and store.get("s2") is None
     with pytest.raises(SessionError, match="session id must be"):
         store.get("../etc/passwd")
+
+
+def test_a_failed_session_write_is_reported_not_fatal(model, tmp_path):
+    engine = engine_for(model, tmp_path)
+    (tmp_path / "blocked.session.safetensors").mkdir()  # the rename onto it must fail
+    run(engine, P1, "blocked")
+    engine.sessions.flush()
+    assert engine.sessions.writer.errors and "blocked" in engine.sessions.writer.errors[-1]
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written file left behind
+    assert engine.sessions.get("blocked") is not None  # still served from memory
+    run(engine, P1, "fine")  # and the engine goes on
+    engine.sessions.flush()
+    assert (tmp_path / "fine.session.safetensors").is_file()
