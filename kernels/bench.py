@@ -1,0 +1,113 @@
+"""Kernel benchmark (a script, not a test): correctness against the torch reference first, then
+time, achieved bytes/s and the ratio to the GPU's peak memory bandwidth, and the speed-up over
+the reference.
+
+    python -m kernels.bench                     # on a GPU
+    python -m kernels.bench --quick             # CPU smoke run (Triton interpreter: checks only)
+    python -m kernels.bench --peak-gbs 4800     # H200 HBM3e (default 3350: H100 SXM HBM3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+from kernels.cached_readout import cached_readout_ref  # noqa: E402
+from kernels.cached_readout.triton_kernel import cached_readout_triton  # noqa: E402
+from kernels.decode_step import decode_step_ref  # noqa: E402
+from kernels.decode_step.triton_kernel import decode_step_triton  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds per call (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_decode_step(batch, H, dk, dv, device, repeats, peak):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    state = torch.randn(batch, H, dk, dv, generator=g).to(device)
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, H, dk, generator=g), dim=-1).to(device) for _ in range(2))
+    v = torch.randn(batch, H, dv, generator=g).to(device)
+    log_a = (-torch.rand(batch, H, generator=g) * 0.1).to(device)
+    slots = torch.arange(batch, device=device)
+    ref_state, got_state = state.clone(), state.clone()
+    ref = decode_step_ref(ref_state, slots, q, k, v, log_a, None)
+    got = decode_step_triton(got_state, slots, q, k, v, log_a, None)
+    if not (torch.allclose(ref, got, atol=1e-4) and torch.allclose(ref_state, got_state, atol=1e-4)):
+        raise SystemExit("decode_step: kernel and reference disagree; not timing")
+    t_kernel = timed(lambda: decode_step_triton(got_state, slots, q, k, v, log_a, None), repeats)
+    t_ref = timed(lambda: decode_step_ref(ref_state, slots, q, k, v, log_a, None), repeats)
+    moved = 2 * state.numel() * 4  # read and write every state once
+    return report("decode_step gla", f"B={batch}", moved, t_kernel, t_ref, peak)
+
+
+def bench_cached_readout(batch, n_ckpt, H, dk, dv, mode, storage, device, repeats, peak):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    N = batch * n_ckpt
+    pool = torch.randn(N, H, dk, dv, generator=g).to(storage).to(device)
+    summaries = torch.randn(N, H, dk, generator=g).to(device)
+    tables = torch.randperm(N, generator=g).view(batch, n_ckpt).to(torch.int32).to(device)
+    lengths = torch.full((batch,), n_ckpt, device=device)
+    q = torch.nn.functional.normalize(torch.randn(batch, H, dk, generator=g), dim=-1).to(device)
+    u = torch.randn(batch, H, dk, generator=g).to(device)
+    r_on = torch.randn(batch, H, generator=g).to(device)
+    args = (pool, summaries, tables, lengths, q, u, r_on)
+    ref = cached_readout_ref(*args, mode=mode, top_k=2, scale=dk ** -0.5)
+    got = cached_readout_triton(*args, mode=mode, top_k=2, scale=dk ** -0.5)
+    if not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(ref, got)):
+        raise SystemExit(f"cached_readout {mode}: kernel and reference disagree; not timing")
+    t_kernel = timed(lambda: cached_readout_triton(*args, mode=mode, top_k=2, scale=dk ** -0.5), repeats)
+    t_ref = timed(lambda: cached_readout_ref(*args, mode=mode, top_k=2, scale=dk ** -0.5), max(1, repeats // 4))
+    read = min(n_ckpt, 2 if mode == "ssc" else n_ckpt)
+    moved = batch * read * H * dk * dv * pool.element_size()
+    return report(f"cached_readout {mode} {str(storage)[6:]}", f"B={batch} n={n_ckpt}", moved, t_kernel, t_ref, peak)
+
+
+def report(name, shape, moved, t_kernel, t_ref, peak) -> str:
+    gbs = moved / t_kernel / 1e9
+    line = (f"| {name} | {shape} | {t_kernel * 1e6:,.1f} us | {gbs:,.0f} GB/s | {100 * gbs / peak:.0f}% | "
+            f"{t_ref / t_kernel:.1f}x |")
+    print(line, flush=True)
+    return line
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="the GPU's peak memory bandwidth, GB/s")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU interpreter smoke run)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick or device == "cpu":
+        batches, ckpts, H, dk, dv, repeats = [2], [3], 2, 16, 16, 2
+    else:
+        batches, ckpts, H, dk, dv, repeats = [1, 16, 64, 256], [8, 32], 16, 64, 64, 20
+    print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, Triton interpreter (checks only)'}")
+    print("| kernel | shape | time | bytes/s | of peak | vs torch |")
+    print("|---|---|---:|---:|---:|---:|")
+    for b in batches:
+        bench_decode_step(b, H, dk, dv, device, repeats, args.peak_gbs)
+    for b in batches:
+        for n in ckpts:
+            for mode in ("grm", "ssc"):
+                for storage in (torch.float32, torch.bfloat16):
+                    bench_cached_readout(b, n, H, dk, dv, mode, storage, device, repeats, args.peak_gbs)
+
+
+if __name__ == "__main__":
+    main()
