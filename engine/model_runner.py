@@ -97,9 +97,6 @@ class ModelRunner:
     def block_nbytes(self) -> int:
         return sum(t[:, 0].numel() * t.element_size() for t in self.blocks.values())
 
-    def slot_nbytes(self) -> int:
-        return sum(t[:, 0].numel() * t.element_size() for t in self.slots.values())
-
     # --- slots -----------------------------------------------------------------------------
     def init_slot(self, slot: int, last_block: int | None) -> None:
         """Start a slot empty, or at the boundary after `last_block` (a reused prefix)."""

@@ -57,9 +57,6 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(len(p.tokens) for p in self.prefills) + len(self.decodes)
 
-    def is_empty(self) -> bool:
-        return not (self.prefills or self.decodes or self.swap_out or self.swap_in)
-
 
 class Scheduler:
     def __init__(self, config: EngineConfig, segment_size: int, caches_checkpoints: bool):

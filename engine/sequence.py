@@ -47,11 +47,6 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def is_prefilling(self) -> bool:
-        """Prompt tokens remain to be read before the first sample."""
-        return self.num_computed_tokens < len(self.prompt_ids)
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 

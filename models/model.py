@@ -157,12 +157,8 @@ class MCModel(nn.Module):
     def run_layers(self, tokens: torch.Tensor, mix) -> torch.Tensor:
         """Embed, run every block with `mix(layer_index, mixer, x)` as its mixer call, and project
         to logits.
-        The three paths differ only in `mix`; the engine passes its own (pooled states)."""
-        if tokens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        The three paths differ only in `mix`; the engine passes its own (pooled states). Token ids
+        are not checked here (the per-step path): callers check them once."""
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, lambda mixer, h: mix(i, mixer, h))
@@ -170,10 +166,15 @@ class MCModel(nn.Module):
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return (x @ head.t()).float()
 
-    @staticmethod
-    def _batch(tokens: torch.Tensor) -> int:
+    def _batch(self, tokens: torch.Tensor) -> int:
+        """Check a [batch, time] tensor of token ids; its batch size."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape [batch, time], got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
         return tokens.shape[0]
 
     def _check_batch(self, tokens: torch.Tensor, state: MCState) -> None:

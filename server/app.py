@@ -330,16 +330,18 @@ class SampleResult:
     num_reused: int = 0
     samples: list = field(default_factory=list)
 
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.samples += out.logprobs
+        self.num_tokens, self.num_reused = out.num_output_tokens, out.num_reused_tokens
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
 
 async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> dict[int, SampleResult]:
     results: dict[int, SampleResult] = {}
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult())
-        r.text += out.new_text
-        r.samples += out.logprobs
-        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
-        if out.finished:
-            r.finish_reason = out.finish_reason
+        results.setdefault(out.index, SampleResult()).add(out)
     return results
 
 
@@ -349,13 +351,11 @@ async def chat_events(state, stream, rid, body, num_prompt):
     for i in range(body.n):
         yield sse(chat_chunk(rid, created, state.model_name, i, {"role": "assistant", "content": ""}))
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult())
-        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
+        results.setdefault(out.index, SampleResult()).add(out)
         logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
         if out.new_text or logprobs:
             yield sse(chat_chunk(rid, created, state.model_name, out.index, {"content": out.new_text}, logprobs=logprobs))
         if out.finished:
-            r.finish_reason = out.finish_reason
             yield sse(chat_chunk(rid, created, state.model_name, out.index, {}, finish_reason=out.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
@@ -370,8 +370,7 @@ async def completion_events(state, stream, rid, body, num_prompt, echo):
         for i in range(body.n):
             yield sse(completion_chunk(rid, created, state.model_name, i, echo))
     async for out in stream:
-        r = results.setdefault(out.index, SampleResult())
-        r.num_tokens, r.num_reused = out.num_output_tokens, out.num_reused_tokens
+        results.setdefault(out.index, SampleResult()).add(out)
         logprobs = (completion_logprobs(state.engine.engine.tokenizer, out.logprobs)
                     if body.logprobs is not None else None)
         if out.new_text or out.finished:

@@ -148,15 +148,13 @@ async def stream_events(state, stream, rid, created, body, finish):
     yield event("response.output_item.added", output_index=0, item=item)
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
                 part={"type": "output_text", "text": "", "annotations": []})
-    result, text = SampleResult(), ""
+    result = SampleResult()
     async for out in stream:
-        result.num_tokens, result.num_reused = out.num_output_tokens, out.num_reused_tokens
+        result.add(out)
         if out.new_text:
-            text += out.new_text
             yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
                         delta=out.new_text)
-        if out.finished:
-            result.finish_reason = out.finish_reason
+    text = result.text
     part = {"type": "output_text", "text": text, "annotations": []}
     yield event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text)
     yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
