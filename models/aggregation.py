@@ -11,8 +11,11 @@ import torch
 
 
 def ssc_topk(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `top_k` best cached scores along the last dim -> (values, indices)."""
-    return scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+    """The `top_k` best cached scores along the last dim -> (values, indices). Ties go to the
+    earliest segment (a stable sort; `topk` leaves them unspecified), as in the Triton kernel."""
+    values, index = scores.sort(dim=-1, descending=True, stable=True)
+    k = min(top_k, scores.shape[-1])
+    return values[..., :k], index[..., :k]
 
 
 def gate_weights(
