@@ -8,7 +8,8 @@ Pools (all layers in one tensor each, indexed [layer, id, ...]):
   `conv_tail` [L,S,W-1,C];
 - a host copy of the block pool for swapping (same layout, CPU memory).
 
-The math is the model's own: prefill runs `MCMixer.chunked` on a state gathered from the pools,
+The math is the model's own: prefill runs `MCMixer.chunked` on a state gathered from the pools
+(with its chunk loop on `kernels/chunk_prefill` when the Triton path is on),
 decode runs `MCMixer.decode_step` on a batch gathered through padded block tables; this file
 only moves data in and out of the pools and does the segment-end bookkeeping per sequence.
 """
@@ -22,7 +23,7 @@ from models import MCModel
 from models.state import LayerState
 
 from .config import EngineConfig
-from .triton_path import triton_decode_step
+from .triton_path import prefill_scan, triton_decode_step
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -85,6 +86,7 @@ class ModelRunner:
             return tensors
 
         self.use_triton = config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda")
+        self.scan = prefill_scan(model) if self.use_triton else None
         self.blocks = pool(config.num_device_blocks, self.device)
         self.host_blocks = pool(config.num_host_blocks, "cpu")
         S = config.max_num_seqs
@@ -142,7 +144,7 @@ class ModelRunner:
         n_old = len(block_table)
         states = [self._gather(i, [slot], [block_table]) for i in range(len(self.model.blocks))]
         ids = torch.tensor([tokens], device=self.device)
-        logits = self.model.run_layers(ids, lambda i, mixer, x: mixer.chunked(x, states[i], start))
+        logits = self.model.run_layers(ids, lambda i, mixer, x: mixer.chunked(x, states[i], start, self.scan))
         for i, st in enumerate(states):
             if new_blocks:
                 self._write_new_blocks(i, new_blocks, st.ckpts[0, :, n_old:].transpose(0, 1),
@@ -166,20 +168,29 @@ class ModelRunner:
         lengths = torch.tensor([len(t) for t in block_tables], device=self.device)
 
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            st = self._slot_state(i, slots)
-            if self.use_triton:
-                y, M, key_sum = triton_decode_step(mixer, x, st, pos, self.slots["online"][i], slot_ids,
-                                                   self.blocks["ckpt"][i], self.blocks["summary"][i], table, lengths)
+            if self.use_triton:  # the kernel updates the online states in place in the pool
+                st = self._slot_state(i, slots, with_online=False)
+                online = self.slots["online"][i]
+                y, key_sum = triton_decode_step(mixer, x, st, pos, online, slot_ids, self.blocks["ckpt"][i],
+                                                self.blocks["summary"][i], table, lengths)
+                M_ends = online[slot_ids[ends]] if ends else None
             else:
+                st = self._slot_state(i, slots)
                 source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
                 y, M, key_sum = mixer.decode_step(x, st, pos, source)
+                M_ends = M[ends] if ends else None
             if ends:
                 conv = st.conv_tail[ends] if st.conv_tail is not None else None
-                self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)
+                self._write_new_blocks(i, end_blocks, M_ends, key_sum[ends] / S, conv)
                 key_sum[ends] = 0
                 if not self.carry:
-                    M[ends] = 0
-            st.online, st.key_sum = M, key_sum
+                    if self.use_triton:
+                        online[slot_ids[ends]] = 0
+                    else:
+                        M[ends] = 0
+            st.key_sum = key_sum
+            if not self.use_triton:
+                st.online = M
             self._scatter(i, slots, st)
             return y
 
@@ -197,13 +208,14 @@ class ModelRunner:
             [len(t) for t in tables], device=self.device)[:, None]
         return table, None if bool(mask.all()) else mask
 
-    def _slot_state(self, layer: int, slots: list[int]) -> LayerState:
-        """The online part of a batch's state; its checkpoints are read through a source."""
+    def _slot_state(self, layer: int, slots: list[int], with_online: bool = True) -> LayerState:
+        """The online part of a batch's state (without the memory itself if `with_online` is
+        False: the kernels update it in place); its checkpoints are read through a source."""
         index = torch.tensor(slots, device=self.device)
         c = self.model.config
         empty = torch.zeros(len(slots), c.n_heads, 0, c.dk, device=self.device)
         return LayerState(
-            online=self.slots["online"][layer][index], key_sum=self.slots["key_sum"][layer][index],
+            online=self.slots["online"][layer][index] if with_online else None, key_sum=self.slots["key_sum"][layer][index],
             ckpts=empty[..., None], summaries=empty,
             conv_tail=self.slots["conv_tail"][layer][index] if "conv_tail" in self.slots else None)
 
@@ -221,7 +233,8 @@ class ModelRunner:
 
     def _scatter(self, layer: int, slots: list[int], st: LayerState) -> None:
         index = torch.tensor(slots, device=self.device)
-        self.slots["online"][layer][index] = st.online
+        if st.online is not None:
+            self.slots["online"][layer][index] = st.online
         self.slots["key_sum"][layer][index] = st.key_sum
         if "conv_tail" in self.slots:
             self.slots["conv_tail"][layer][index] = st.conv_tail

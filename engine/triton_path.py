@@ -1,9 +1,10 @@
 """The decode step of one layer on the Triton kernels (the ModelRunner's CUDA path).
 
-Same contract as `MCMixer.decode_step`: the projections and the output stay in torch; the
-online-state update + read-out runs in `kernels/decode_step` in place on the slot pool, and the
-cached read-out walks the block tables in `kernels/cached_readout`. `soup` runs as `grm` (equal
-for matrix memories).
+Same math as `MCMixer.decode_step`: the projections and the output stay in torch; the
+online-state update + read-out runs in `kernels/decode_step` in place on the slot pool (so the
+online states are never gathered into a batch tensor nor scattered back), and the cached read-out
+walks the block tables in `kernels/cached_readout`. `soup` runs as `grm` (equal for matrix
+memories). Returns (y, key_sum); the caller reads the pool rows it needs for checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.cached_readout.triton_kernel import cached_readout_triton
+from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
 from kernels.decode_step.triton_kernel import decode_step_triton
 
 
@@ -23,7 +25,6 @@ def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_poo
     q, k, v = p.q[:, :, 0], p.k[:, :, 0], p.v[:, :, 0]
     beta = p.beta[:, :, 0] if p.beta is not None else None
     online = decode_step_triton(online_pool, slot_ids, q, k, v, p.log_a[:, :, 0], beta)  # updates the pool
-    M = online_pool[slot_ids.long()]
     key_sum = st.key_sum + k
     if c.aggregation == "none" or table.shape[1] == 0:
         y = online
@@ -37,4 +38,10 @@ def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_poo
         cached, g_online = cached_readout_triton(ckpt_pool, summary_pool, table, lengths, q, u, r_online,
                                                  c.aggregation, c.ssc_top_k, c.score_scale)
         y = g_online[..., None] * online + cached
-    return mixer.finish(y[:, :, None], p.gate, x), M, key_sum
+    return mixer.finish(y[:, :, None], p.gate, x), key_sum
+
+
+def prefill_scan(model):
+    """The fused chunk scan for prefill, or None for delta memories (no kernel yet: their chunks
+    need a triangular solve)."""
+    return chunk_prefill_triton if model.blocks[0].mixer.memory.fusable_scan else None

@@ -29,6 +29,8 @@ from .config import ModelConfig
 class Memory(nn.Module, metaclass=abc.ABCMeta):
     """Matrix-valued associative memory, `o = M^T q`."""
 
+    fusable_scan = False  # whether a fused chunk-scan kernel (chunk_prefill) can replace chunk_advance
+
     @abc.abstractmethod
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B,T,d] -> (log_a [B,H,T], beta [B,H,T] or None)."""
@@ -77,6 +79,8 @@ def _decay_matrix(G: torch.Tensor, strict: bool) -> torch.Tensor:
 
 class GatedLinearMemory(Memory):
     """`M_t = a_t M_{t-1} + k_t v_t^T`; with `a_t = 1` this is plain linear attention."""
+
+    fusable_scan = True  # kernels/chunk_prefill implements its chunk loop
 
     def __init__(self, config: ModelConfig, decay: bool):
         super().__init__()

@@ -159,8 +159,11 @@ class MCMixer(nn.Module):
         return sum(g[..., None] * mem.read(S, q_t) for g, S in zip(weights, states))
 
     # --- path 2: chunked parallel form from any state --------------------------------------
-    def chunked(self, x: torch.Tensor, st: LayerState, pos: int) -> torch.Tensor:
-        """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated)."""
+    def chunked(self, x: torch.Tensor, st: LayerState, pos: int, scan=None) -> torch.Tensor:
+        """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated).
+
+        `scan` optionally replaces the chunk-to-chunk loop of a gated linear memory with a fused
+        kernel of `chunk_prefill_ref`'s contract (the engine passes the Triton one on CUDA)."""
         c = self.config
         T = x.shape[1]
         p = self.project(x, st.conv_tail)
@@ -173,8 +176,12 @@ class MCMixer(nn.Module):
         pad = lambda t: None if t is None else F.pad(  # noqa: E731
             t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
         q, k, v, u, log_a, beta = map(pad, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
-        terms = self.memory.chunk_terms(q, k, v, log_a, beta)
-        online, key_sum_at_start, visible = self._scan(terms, k, st, p, pos - front, pos)
+        if scan is not None and self.memory.fusable_scan:
+            chunks = self._fused_chunks(scan, q, k, v, log_a, st.online, pos - front, pos + T)
+        else:
+            terms = self.memory.chunk_terms(q, k, v, log_a, beta)
+            chunks = (lambda n, M: self.memory.chunk_advance(terms, n, M))
+        online, key_sum_at_start, visible = self._scan(chunks, k, st, p, pos - front, pos)
 
         if c.aggregation == "none" or st.ckpts.shape[2] == 0:
             y = online
@@ -185,25 +192,47 @@ class MCMixer(nn.Module):
         y = y.flatten(2, 3)[:, :, front:front + T]
         return self.finish(y, p.gate, x)
 
-    def _scan(self, terms, k, st: LayerState, p: Projected, base: int, pos: int):
+    def _segment_ends(self, base: int, n_chunks: int, end_of_input: int) -> list[bool]:
+        """Which chunks finish a segment inside this call (chunk n covers [base + nL, base + (n+1)L))."""
+        L, S = self.chunk_size, self.config.segment_size
+        return [(base + (n + 1) * L) % S == 0 and base + (n + 1) * L <= end_of_input for n in range(n_chunks)]
+
+    def _fused_chunks(self, scan, q, k, v, log_a, M0, base: int, end_of_input: int):
+        """Run a fused chunk-scan kernel per sequence up front; returns `chunks(n, M)` -> the
+        read-outs and state of chunk n, like `chunk_advance` (the kernel applies the resets)."""
+        B, H, N, L, dk = q.shape
+        ends = self._segment_ends(base, N, end_of_input)
+        reset = torch.tensor([e and self.config.boundary == "reset" for e in ends], dtype=torch.int32,
+                             device=q.device)
+        flat = lambda t: t.permute(1, 2, 0, 3).flatten(0, 1)  # noqa: E731  [H,N,L,*] -> [N*L,H,*]
+        outs, states = [], []
+        for b in range(B):
+            o, per_chunk, _ = scan(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L, reset)
+            outs.append(o.view(N, L, H, -1).permute(2, 0, 1, 3))    # [H,N,L,dv]
+            states.append(per_chunk)                                  # [N,H,dk,dv]
+        outs, states = torch.stack(outs), torch.stack(states)
+        return lambda n, M: (outs[:, :, n], states[:, n])
+
+    def _scan(self, chunks, k, st: LayerState, p: Projected, base: int, pos: int):
         """Carry the state chunk by chunk (the only sequential part), caching a checkpoint at
-        every segment end. Returns the online read-outs [B,H,N,L,dv], the key sum entering each
-        chunk [B,H,N,dk], and how many checkpoints each chunk can see."""
+        every segment end. `chunks(n, M)` gives chunk n's online read-outs and the state after it.
+        Returns the online read-outs [B,H,N,L,dv], the key sum entering each chunk [B,H,N,dk],
+        and how many checkpoints each chunk can see."""
         c = self.config
-        L, S, N = self.chunk_size, c.segment_size, k.shape[2]
+        N = k.shape[2]
         M, key_sum = st.online, st.key_sum
         online, key_sum_at_start, visible = [], [], []
         new_ckpts, new_summaries, new_convs = [], [], []
         k_chunk_sums = k.sum(dim=3)
-        end_of_input = pos + p.q.shape[2]
-        for n in range(N):
-            out, M = self.memory.chunk_advance(terms, n, M)
+        S, L = c.segment_size, self.chunk_size
+        for n, segment_ends in enumerate(self._segment_ends(base, N, pos + p.q.shape[2])):
+            out, M = chunks(n, M)
             online.append(out)
             key_sum_at_start.append(key_sum)
             visible.append(st.ckpts.shape[2] + len(new_ckpts))
             key_sum = key_sum + k_chunk_sums[:, :, n]
             end = base + (n + 1) * L
-            if end % S == 0 and end <= end_of_input:  # a segment finished inside this call
+            if segment_ends:
                 if c.caches_checkpoints:
                     new_ckpts.append(M)
                     new_summaries.append(key_sum / S)

@@ -16,10 +16,12 @@ import triton.language as tl
 @triton.jit
 def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after,
                           T: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                          CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+                          CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
     h = tl.program_id(0)
     vb = tl.program_id(1)
-    offs_t = tl.arange(0, CHUNK)
+    offs_t = tl.arange(0, BLOCK_T)  # the chunk's rows, padded to a power of two (masked)
+    mask_t = offs_t < CHUNK
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_k = offs_k < DK
@@ -30,15 +32,17 @@ def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after,
     causal = offs_t[:, None] >= offs_t[None, :]
     for n in range(T // CHUNK):
         rows = n * CHUNK + offs_t
-        qc = tl.load(q + (rows[:, None] * H + h) * DK + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        kc = tl.load(k + (rows[:, None] * H + h) * DK + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        vc = tl.load(v + (rows[:, None] * H + h) * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        G = tl.cumsum(tl.load(log_a + rows * H + h).to(tl.float32), axis=0)       # [CHUNK]
+        row_k = mask_t[:, None] & mask_k[None, :]
+        row_v = mask_t[:, None] & mask_v[None, :]
+        qc = tl.load(q + (rows[:, None] * H + h) * DK + offs_k[None, :], mask=row_k, other=0.0).to(tl.float32)
+        kc = tl.load(k + (rows[:, None] * H + h) * DK + offs_k[None, :], mask=row_k, other=0.0).to(tl.float32)
+        vc = tl.load(v + (rows[:, None] * H + h) * DV + offs_v[None, :], mask=row_v, other=0.0).to(tl.float32)
+        G = tl.cumsum(tl.load(log_a + rows * H + h, mask=mask_t, other=0.0).to(tl.float32), axis=0)
         G_end = tl.sum(tl.where(offs_t == CHUNK - 1, G, 0.0), axis=0)
         decay = tl.where(causal, tl.exp(G[:, None] - G[None, :]), 0.0)
-        attn = tl.dot(qc, tl.trans(kc)) * decay                                      # [CHUNK, CHUNK]
-        o = tl.dot(attn, vc) + tl.dot(qc * tl.exp(G)[:, None], M)                  # [CHUNK, BLOCK_V]
-        tl.store(out + (rows[:, None] * H + h) * DV + offs_v[None, :], o, mask=mask_v[None, :])
+        attn = tl.dot(qc, tl.trans(kc)) * decay                                      # [BLOCK_T, BLOCK_T]
+        o = tl.dot(attn, vc) + tl.dot(qc * tl.exp(G)[:, None], M)                  # [BLOCK_T, BLOCK_V]
+        tl.store(out + (rows[:, None] * H + h) * DV + offs_v[None, :], o, mask=row_v)
         k_end = kc * tl.exp(G_end - G)[:, None]
         M = tl.exp(G_end) * M + tl.dot(tl.trans(k_end), vc)
         tl.store(states + n * H * DK * DV + state_ptrs, M, mask=tile)
@@ -52,19 +56,17 @@ def chunk_prefill_triton(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tens
     T, H, DK = q.shape
     DV = v.shape[-1]
     assert T % chunk == 0, "pad T to a multiple of the chunk"
-    if q.is_cuda and chunk < 16:
-        raise ValueError("tl.dot needs chunks of at least 16 tokens on NVIDIA GPUs")
     N = T // chunk
     out = torch.empty(T, H, DV, dtype=torch.float32, device=q.device)
     states = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     final = torch.empty(H, DK, DV, dtype=torch.float32, device=q.device)
     if reset_after is None:
         reset_after = torch.zeros(N, dtype=torch.int32, device=q.device)
-    # tl.dot wants every dimension >= 16 on NVIDIA: pad dk and dv tiles (masked) up to it.
+    # tl.dot wants every dimension >= 16 on NVIDIA: pad the chunk, dk and dv tiles (masked) up to it.
     block_v = max(16, min(64, triton.next_power_of_2(DV)))
     grid = (H, triton.cdiv(DV, block_v))
     _chunk_prefill_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), log_a.contiguous(), M0.float().contiguous(), out, states,
         final, reset_after.to(torch.int32).contiguous(), T=T, H=H, DK=DK, DV=DV, CHUNK=chunk,
-        BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v)
+        BLOCK_T=max(16, triton.next_power_of_2(chunk)), BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v)
     return out, states, final
