@@ -20,6 +20,7 @@ class EngineConfig:
     enable_prefix_reuse: bool = True
     max_waiting: int = 1024             # queued requests before add_request refuses (429 upstream)
     kernels: str = "auto"               # decode on Triton kernels: auto (on CUDA), triton, torch
+    cuda_graphs: bool = False           # replay the Triton decode step from CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_device_blocks", "max_prefill_chunk",

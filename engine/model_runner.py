@@ -23,7 +23,8 @@ from models import MCModel
 from models.state import LayerState
 
 from .config import EngineConfig
-from .triton_path import prefill_scan, triton_decode_step
+from .cuda_graphs import DecodeGraphs
+from .triton_path import prefill_scan, segment_end_triton, triton_decode_step
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,13 +88,18 @@ class ModelRunner:
 
         self.use_triton = config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda")
         self.scan = prefill_scan(model) if self.use_triton else None
-        self.blocks = pool(config.num_device_blocks, self.device)
+        # One spare block and one spare slot past the allocator's ids: the static decode step
+        # (Triton path, CUDA graphs) sends the writes of padded rows and of rows whose segment
+        # goes on there instead of branching on the host.
+        self.trash_block, self.trash_slot = config.num_device_blocks, config.max_num_seqs
+        self.blocks = pool(config.num_device_blocks + 1, self.device)
         self.host_blocks = pool(config.num_host_blocks, "cpu")
-        S = config.max_num_seqs
+        S = config.max_num_seqs + 1
         self.slots = {"online": torch.zeros(L, S, H, dk, dv, device=self.device),
                       "key_sum": torch.zeros(L, S, H, dk, device=self.device)}
         if conv_shape:
             self.slots["conv_tail"] = torch.zeros(L, S, *conv_shape, device=self.device)
+        self.graphs = DecodeGraphs(self) if config.cuda_graphs and self.use_triton and self.device.type == "cuda" else None
 
     # --- sizes -----------------------------------------------------------------------------
     def block_nbytes(self) -> int:
@@ -158,39 +164,70 @@ class ModelRunner:
                tokens: list[int], new_blocks: list[int | None]) -> torch.Tensor:
         """One token per sequence at its own position; a sequence whose segment ends writes its
         checkpoint to its entry of `new_blocks`. Returns logits [B, V]."""
+        if self.use_triton:
+            batch = self.decode_batch(slots, block_tables, positions, tokens, new_blocks)
+            return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
+        return self._decode_torch(slots, block_tables, positions, tokens, new_blocks)
+
+    def decode_batch(self, slots, block_tables, positions, tokens, new_blocks, rows: int | None = None,
+                     width: int | None = None) -> dict[str, torch.Tensor]:
+        """The decode step's inputs as tensors, padded to `rows` x `width` (a CUDA graph's bucket):
+        padded rows use the spare slot and read no checkpoints."""
+        B = len(slots)
+        rows, width = rows or B, max(width or 0, max((len(t) for t in block_tables), default=0))
+        pad = rows - B
+        table = [t + [0] * (width - len(t)) for t in block_tables] + [[0] * width] * pad
+        ends = [-1 if b is None else b for b in new_blocks] + [-1] * pad
+        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype).to(self.device)  # noqa: E731
+        return {"tokens": as_tensor(tokens + [0] * pad), "positions": as_tensor(positions + [0] * pad),
+                "slot_ids": as_tensor(slots + [self.trash_slot] * pad),
+                "table": as_tensor(table, torch.int32).view(rows, width),
+                "lengths": as_tensor([len(t) for t in block_tables] + [0] * pad, torch.int32),
+                "end_blocks": as_tensor(ends)}
+
+    def decode_static(self, tokens, positions, slot_ids, table, lengths, end_blocks) -> torch.Tensor:
+        """The Triton decode step with no host-side branching (so it can be captured in a CUDA
+        graph): rows whose segment ends are known only on the device (`end_blocks` >= 0), and every
+        other row sends its checkpoint writes to the spare block."""
+        S = self.segment_size
+        ends = end_blocks >= 0
+        end_rows = torch.where(ends, end_blocks, self.trash_block)
+        keep = (~ends).float()[:, None, None]
+        conv = self.slots.get("conv_tail")
+
+        def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
+            st = self._slot_state(i, slot_ids, with_online=False)
+            online = self.slots["online"][i]
+            y, key_sum = triton_decode_step(mixer, x, st, positions, online, slot_ids, self.blocks["ckpt"][i],
+                                            self.blocks["summary"][i], table, lengths)
+            segment_end_triton(online, slot_ids, end_blocks, self.blocks["ckpt"][i], reset=not self.carry)
+            self.blocks["summary"][i].index_copy_(0, end_rows, key_sum / S)
+            self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum * keep)
+            if conv is not None:
+                self.blocks["block_conv"][i].index_copy_(0, end_rows, st.conv_tail)
+                conv[i].index_copy_(0, slot_ids, st.conv_tail)
+            return y
+
+        return self.model.run_layers(tokens[:, None], mix)[:, 0]
+
+    def _decode_torch(self, slots, block_tables, positions, tokens, new_blocks) -> torch.Tensor:
         pos = torch.tensor(positions, device=self.device)
         ends = [b for b, blk in enumerate(new_blocks) if blk is not None]
         end_blocks = [new_blocks[b] for b in ends]
         S = self.segment_size
-
         table, mask = self._padded(block_tables)
-        slot_ids = torch.tensor(slots, device=self.device)
-        lengths = torch.tensor([len(t) for t in block_tables], device=self.device)
 
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            if self.use_triton:  # the kernel updates the online states in place in the pool
-                st = self._slot_state(i, slots, with_online=False)
-                online = self.slots["online"][i]
-                y, key_sum = triton_decode_step(mixer, x, st, pos, online, slot_ids, self.blocks["ckpt"][i],
-                                                self.blocks["summary"][i], table, lengths)
-                M_ends = online[slot_ids[ends]] if ends else None
-            else:
-                st = self._slot_state(i, slots)
-                source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
-                y, M, key_sum = mixer.decode_step(x, st, pos, source)
-                M_ends = M[ends] if ends else None
+            st = self._slot_state(i, slots)
+            source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
+            y, M, key_sum = mixer.decode_step(x, st, pos, source)
             if ends:
                 conv = st.conv_tail[ends] if st.conv_tail is not None else None
-                self._write_new_blocks(i, end_blocks, M_ends, key_sum[ends] / S, conv)
+                self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)
                 key_sum[ends] = 0
                 if not self.carry:
-                    if self.use_triton:
-                        online[slot_ids[ends]] = 0
-                    else:
-                        M[ends] = 0
-            st.key_sum = key_sum
-            if not self.use_triton:
-                st.online = M
+                    M[ends] = 0
+            st.online, st.key_sum = M, key_sum
             self._scatter(i, slots, st)
             return y
 
@@ -208,10 +245,10 @@ class ModelRunner:
             [len(t) for t in tables], device=self.device)[:, None]
         return table, None if bool(mask.all()) else mask
 
-    def _slot_state(self, layer: int, slots: list[int], with_online: bool = True) -> LayerState:
+    def _slot_state(self, layer: int, slots: list[int] | torch.Tensor, with_online: bool = True) -> LayerState:
         """The online part of a batch's state (without the memory itself if `with_online` is
         False: the kernels update it in place); its checkpoints are read through a source."""
-        index = torch.tensor(slots, device=self.device)
+        index = torch.as_tensor(slots, device=self.device)
         c = self.model.config
         empty = torch.zeros(len(slots), c.n_heads, 0, c.dk, device=self.device)
         return LayerState(

@@ -14,6 +14,9 @@ import torch
 from kernels.cached_readout.triton_kernel import cached_readout_triton
 from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
 from kernels.decode_step.triton_kernel import decode_step_triton
+from kernels.segment_end.triton_kernel import segment_end_triton
+
+__all__ = ["prefill_scan", "segment_end_triton", "triton_decode_step"]
 
 
 def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_pool: torch.Tensor,

@@ -122,7 +122,8 @@ SERVE_OPTIONS = {"model": str, "host": str, "port": int, "session_dir": str, "ap
                  "max_queued_requests": int, "max_num_seqs": int, "max_num_batched_tokens": int,
                  "num_device_blocks": int, "num_host_blocks": int, "ckpt_dtype": str,
                  "max_sessions_in_memory": int, "max_session_memory_bytes": int,
-                 "max_sessions_on_disk": int, "max_session_disk_bytes": int, "shutdown_grace_s": float}
+                 "max_sessions_on_disk": int, "max_session_disk_bytes": int, "shutdown_grace_s": float,
+                 "device": str, "kernels": str, "cuda_graphs": str}
 
 
 def build_parser() -> argparse.ArgumentParser:

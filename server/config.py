@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 
@@ -31,6 +32,9 @@ class ServerConfig:
     max_sessions_on_disk: int = 100_000
     max_session_disk_bytes: int = 64 << 30
     shutdown_grace_s: float = 30.0
+    device: str = "auto"                 # auto (cuda if visible, else cpu), cpu, cuda, cuda:N
+    kernels: str = "auto"                # decode/prefill on Triton kernels: auto (on CUDA), triton, torch
+    cuda_graphs: str = "off"             # on: replay the decode step from CUDA graphs (Triton path on CUDA)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -39,6 +43,20 @@ class ServerConfig:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" and value <= 0:
                 raise ServerConfigError(f"{f.name} must be > 0, got {value}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ServerConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.cuda_graphs not in ("on", "off"):
+            raise ServerConfigError(f"cuda_graphs must be on or off, got {self.cuda_graphs!r}")
+
+    def torch_device(self) -> str:
+        """The device to load the model on; a CUDA device that is not there is a config error."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ServerConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible")
+        return self.device
 
     @classmethod
     def from_env(cls, overrides: dict, environ=os.environ) -> "ServerConfig":

@@ -21,11 +21,12 @@ from .config import ServerConfig
 
 def create_app(config: ServerConfig) -> FastAPI:
     model_dir = Path(config.model) if config.model else models.default_model_path()
-    model = models.load(model_dir)
+    model = models.load(model_dir, device=config.torch_device())
     engine_config = EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         num_device_blocks=config.num_device_blocks, num_host_blocks=config.num_host_blocks,
-        ckpt_dtype=config.ckpt_dtype, max_waiting=config.max_queued_requests)
+        ckpt_dtype=config.ckpt_dtype, max_waiting=config.max_queued_requests, kernels=config.kernels,
+        cuda_graphs=config.cuda_graphs == "on")
     limits = SessionLimits(config.max_sessions_in_memory, config.max_session_memory_bytes,
                            config.max_sessions_on_disk, config.max_session_disk_bytes)
     store = SessionStore(model.fingerprint, config.session_dir or None, limits)

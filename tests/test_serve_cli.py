@@ -49,3 +49,20 @@ def test_serve_bad_options_are_one_line(tmp_path):
         res = subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_device_kernel_and_graph_options_are_validated():
+    import pytest
+    import torch
+
+    from server.config import ServerConfig, ServerConfigError
+
+    config = ServerConfig.from_env({}, {"MCSERVE_DEVICE": "cpu", "MCSERVE_KERNELS": "torch", "MCSERVE_CUDA_GRAPHS": "on"})
+    assert (config.torch_device(), config.kernels, config.cuda_graphs) == ("cpu", "torch", "on")
+    assert ServerConfig().torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ({"device": "gpu"}, {"cuda_graphs": "yes"}):
+        with pytest.raises(ServerConfigError, match=next(iter(bad))):
+            ServerConfig(**bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ServerConfigError, match="no CUDA GPU"):
+            ServerConfig(device="cuda:0").torch_device()
