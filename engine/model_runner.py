@@ -24,7 +24,7 @@ from models.state import LayerState
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .triton_path import prefill_scan, segment_end_triton, triton_decode_step
+from .triton_path import PrefillKernels, segment_end_triton, triton_decode_step
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,7 +87,7 @@ class ModelRunner:
             return tensors
 
         self.use_triton = config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda")
-        self.scan = prefill_scan(model) if self.use_triton else None
+        self.scan = PrefillKernels() if self.use_triton else None
         # One spare block and one spare slot past the allocator's ids: the static decode step
         # (Triton path, CUDA graphs) sends the writes of padded rows and of rows whose segment
         # goes on there instead of branching on the host.

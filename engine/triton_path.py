@@ -9,14 +9,17 @@ memories). Returns (y, key_sum); the caller reads the pool rows it needs for che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels.cached_readout.triton_kernel import cached_readout_triton
+from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
 from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
 from kernels.decode_step.triton_kernel import decode_step_triton
 from kernels.segment_end.triton_kernel import segment_end_triton
 
-__all__ = ["prefill_scan", "segment_end_triton", "triton_decode_step"]
+__all__ = ["PrefillKernels", "segment_end_triton", "triton_decode_step"]
 
 
 def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_pool: torch.Tensor,
@@ -44,7 +47,9 @@ def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_poo
     return mixer.finish(y[:, :, None], p.gate, x), key_sum
 
 
-def prefill_scan(model):
-    """The fused chunk scan for prefill, or None for delta memories (no kernel yet: their chunks
-    need a triangular solve)."""
-    return chunk_prefill_triton if model.blocks[0].mixer.memory.fusable_scan else None
+@dataclass(frozen=True)
+class PrefillKernels:
+    """The fused chunk scans `MCMixer.chunked` takes as `scan`: gla/linear straight from the
+    projections, the delta rule from its chunk terms (after torch's triangular solve)."""
+    gated: object = chunk_prefill_triton
+    terms: object = chunk_scan_terms_triton

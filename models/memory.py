@@ -29,7 +29,7 @@ from .config import ModelConfig
 class Memory(nn.Module, metaclass=abc.ABCMeta):
     """Matrix-valued associative memory, `o = M^T q`."""
 
-    fusable_scan = False  # whether a fused chunk-scan kernel (chunk_prefill) can replace chunk_advance
+    fusable_scan = False  # whether chunk_prefill's kernel runs its chunks from q, k, v, log_a directly
 
     @abc.abstractmethod
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -162,8 +162,10 @@ class MCMixer(nn.Module):
     def chunked(self, x: torch.Tensor, st: LayerState, pos: int, scan=None) -> torch.Tensor:
         """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated).
 
-        `scan` optionally replaces the chunk-to-chunk loop of a gated linear memory with a fused
-        kernel of `chunk_prefill_ref`'s contract (the engine passes the Triton one on CUDA)."""
+        `scan` optionally replaces the chunk-to-chunk loop with fused kernels: `scan.gated` of
+        `chunk_prefill_ref`'s contract for gated linear memories (from q, k, v, log_a directly),
+        `scan.terms` of `chunk_scan_terms_ref`'s for the others (after `chunk_terms`, e.g. the
+        delta rule's triangular solve). The engine passes the Triton ones."""
         c = self.config
         T = x.shape[1]
         p = self.project(x, st.conv_tail)
@@ -176,8 +178,8 @@ class MCMixer(nn.Module):
         pad = lambda t: None if t is None else F.pad(  # noqa: E731
             t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
         q, k, v, u, log_a, beta = map(pad, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
-        if scan is not None and self.memory.fusable_scan:
-            chunks = self._fused_chunks(scan, q, k, v, log_a, st.online, pos - front, pos + T)
+        if scan is not None:
+            chunks = self._fused_chunks(scan, q, k, v, log_a, beta, st.online, pos - front, pos + T)
         else:
             terms = self.memory.chunk_terms(q, k, v, log_a, beta)
             chunks = (lambda n, M: self.memory.chunk_advance(terms, n, M))
@@ -197,17 +199,24 @@ class MCMixer(nn.Module):
         L, S = self.chunk_size, self.config.segment_size
         return [(base + (n + 1) * L) % S == 0 and base + (n + 1) * L <= end_of_input for n in range(n_chunks)]
 
-    def _fused_chunks(self, scan, q, k, v, log_a, M0, base: int, end_of_input: int):
-        """Run a fused chunk-scan kernel per sequence up front; returns `chunks(n, M)` -> the
-        read-outs and state of chunk n, like `chunk_advance` (the kernel applies the resets)."""
+    def _fused_chunks(self, scan, q, k, v, log_a, beta, M0, base: int, end_of_input: int):
+        """Run the fused chunk-scan kernels up front; returns `chunks(n, M)` -> the read-outs and
+        state of chunk n, like `chunk_advance` (the kernels apply the resets)."""
         B, H, N, L, dk = q.shape
         ends = self._segment_ends(base, N, end_of_input)
         reset = torch.tensor([e and self.config.boundary == "reset" for e in ends], dtype=torch.int32,
                              device=q.device)
+        if not self.memory.fusable_scan:
+            t = self.memory.chunk_terms(q, k, v, log_a, beta)
+            heads = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  [B,H,...] -> [BH,...]
+            outs, states = scan.terms(heads(t.q_decayed), heads(t.attn), heads(t.values), heads(t.w),
+                                      heads(t.k_to_end), heads(t.gamma_end), heads(M0), reset)
+            outs, states = outs.unflatten(0, (B, H)), states.unflatten(0, (B, H))
+            return lambda n, M: (outs[:, :, n], states[:, :, n])
         flat = lambda t: t.permute(1, 2, 0, 3).flatten(0, 1)  # noqa: E731  [H,N,L,*] -> [N*L,H,*]
         outs, states = [], []
         for b in range(B):
-            o, per_chunk, _ = scan(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L, reset)
+            o, per_chunk, _ = scan.gated(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L, reset)
             outs.append(o.view(N, L, H, -1).permute(2, 0, 1, 3))    # [H,N,L,dv]
             states.append(per_chunk)                                  # [N,H,dk,dv]
         outs, states = torch.stack(outs), torch.stack(states)

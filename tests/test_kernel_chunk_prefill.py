@@ -50,13 +50,14 @@ def test_reference_is_the_models_chunked_memory():
     assert torch.allclose(torch.cat(outs), ref_out, atol=1e-5) and torch.allclose(M[0], ref_final, atol=1e-5)
 
 
-@pytest.mark.parametrize("memory", ["linear", "gla"])
+@pytest.mark.parametrize("memory", ["linear", "gla", "delta"])
 @pytest.mark.parametrize("boundary", ["carry", "reset"])
 @pytest.mark.parametrize("aggregation", ["grm", "residual"])
 def test_mixer_prefill_on_the_kernel_equals_torch(memory, boundary, aggregation):
     """The mixer's chunked path with the fused scan (as the engine's prefill runs it) gives the
     same outputs, checkpoints and final state as its own chunk loop, starting mid-segment from a
     state that already holds checkpoints, with T not a multiple of the chunk."""
+    from engine.triton_path import PrefillKernels
     from tests.helpers import tiny_model
 
     model = tiny_model(memory=memory, boundary=boundary, aggregation=aggregation, segment_size=16).to(DEVICE)
@@ -65,7 +66,7 @@ def test_mixer_prefill_on_the_kernel_equals_torch(memory, boundary, aggregation)
     x = torch.randn(2, 70, model.config.d_model, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref_state, got_state = mixer.new_state(2, DEVICE), mixer.new_state(2, DEVICE)
     with torch.no_grad():
-        for st, scan in ((ref_state, None), (got_state, chunk_prefill_triton)):
+        for st, scan in ((ref_state, None), (got_state, PrefillKernels())):
             first = mixer.chunked(x[:, :37], st, 0, scan)
             second = mixer.chunked(x[:, 37:], st, 37, scan)
             st.outputs = torch.cat([first, second], 1)
@@ -73,3 +74,39 @@ def test_mixer_prefill_on_the_kernel_equals_torch(memory, boundary, aggregation)
     for name in ("outputs", "online", "key_sum", "ckpts", "summaries"):
         a, b = getattr(got_state, name), getattr(ref_state, name)
         assert torch.allclose(a, b, atol=1e-4), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("memory", ["gla", "delta"])
+@pytest.mark.parametrize("L", [16, 5, 20])
+@pytest.mark.parametrize("reset", [False, True])
+def test_terms_scan_kernel_matches_reference(memory, L, reset):
+    """The chunk loop over precomputed terms (the delta rule's path; gla without W), odd sizes."""
+    from kernels.chunk_prefill import chunk_scan_terms_ref
+    from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+
+    cfg = ModelConfig(memory=memory, d_model=8, n_heads=3, dk=7, dv=9)
+    mem = build_memory(cfg)
+    g = torch.Generator().manual_seed(2)
+    B, H, N = 2, 3, 3
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, N, L, 7, generator=g), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, N, L, 9, generator=g)
+    log_a = -torch.rand(B, H, N, L, generator=g) * 0.2
+    beta = torch.rand(B, H, N, L, generator=g) if memory == "delta" else None
+    with torch.no_grad():
+        t = mem.chunk_terms(q, k, v, log_a, beta)
+    heads = lambda x: None if x is None else x.flatten(0, 1).to(DEVICE)  # noqa: E731
+    args = [heads(x) for x in (t.q_decayed, t.attn, t.values, t.w, t.k_to_end, t.gamma_end)]
+    M0 = torch.randn(B * H, 7, 9, generator=g).to(DEVICE)
+    reset_after = torch.tensor([1, 0, 1], device=DEVICE) if reset else None
+    ref = chunk_scan_terms_ref(*args, M0, reset_after)
+    got = chunk_scan_terms_triton(*args, M0, reset_after)
+    for name, a, b in zip(("out", "states"), got, ref):
+        assert torch.allclose(a, b, atol=1e-4), (name, (a - b).abs().max())
+    # and the reference is the memory's own chunk loop
+    M, outs = M0.cpu().view(B, H, 7, 9), []
+    for n in range(N):
+        o, M = mem.chunk_advance(t, n, M)
+        outs.append(o)
+        if reset and n in (0, 2):
+            M = torch.zeros_like(M)
+    assert torch.allclose(torch.stack(outs, 2).flatten(0, 1), ref[0].cpu(), atol=1e-5)

@@ -31,3 +31,24 @@ def chunk_prefill_ref(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tensor 
         if reset_after is not None and bool(reset_after[n]):
             M = torch.zeros_like(M)
     return torch.cat(outs), torch.stack(states), M
+
+
+def chunk_scan_terms_ref(q_decayed, attn, values, w, k_to_end, gamma_end, M0, reset_after=None):
+    """The chunk-to-chunk loop over precomputed chunk terms (`models.memory.ChunkTerms`), for any
+    memory whose chunks reduce to `U = U' - W M` (delta, after its triangular solve; gla with W
+    absent): `O = A U + Qd M`, `M <- gamma_L M + Kend^T U`.
+
+    q_decayed, k_to_end, w [BH,N,L,dk]; attn [BH,N,L,L]; values [BH,N,L,dv]; gamma_end [BH,N];
+    M0 [BH,dk,dv]. Returns o [BH,N,L,dv] and the state after each chunk [BH,N,dk,dv] (before a
+    reset, as in `chunk_prefill_ref`).
+    """
+    M = M0.float().clone()
+    outs, states = [], []
+    for n in range(q_decayed.shape[1]):
+        U = values[:, n] if w is None else values[:, n] - w[:, n] @ M
+        outs.append(attn[:, n] @ U + q_decayed[:, n] @ M)
+        M = gamma_end[:, n, None, None] * M + k_to_end[:, n].transpose(-1, -2) @ U
+        states.append(M.clone())
+        if reset_after is not None and bool(reset_after[n]):
+            M = torch.zeros_like(M)
+    return torch.stack(outs, 1), torch.stack(states, 1)
