@@ -270,8 +270,7 @@ class ModelRunner:
 
     def _scatter(self, layer: int, slots: list[int], st: LayerState) -> None:
         index = torch.tensor(slots, device=self.device)
-        if st.online is not None:
-            self.slots["online"][layer][index] = st.online
+        self.slots["online"][layer][index] = st.online
         self.slots["key_sum"][layer][index] = st.key_sum
         if "conv_tail" in self.slots:
             self.slots["conv_tail"][layer][index] = st.conv_tail

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 import models
@@ -28,6 +30,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, what: str, log=lambda: "") -> None:
+    """Poll `url` until it answers 200; fail at once (with the process's output) if it exits."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, log()
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, f"{what} did not become ready in {timeout} s"
+        time.sleep(0.1)
 
 
 @contextmanager

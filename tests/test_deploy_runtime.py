@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_helpers import MODEL_NAME, free_port, running_server, save_tiny_model
+from tests.server_helpers import MODEL_NAME, free_port, running_server, save_tiny_model, wait_until_ready
 from tests.test_deploy_static import (DEPLOY, METRIC_NAME, dashboard, dashboard_exprs, dockerfile_env,
                                       dockerfile_instructions, exec_form, healthcheck_command, tool, yaml)
 
@@ -76,16 +76,7 @@ def test_image_entrypoint_serves_and_drains(tmp_path):
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "the server did not become healthy"
-            time.sleep(0.1)
+        wait_until_ready(proc, url + "/health", 90, "the server", proc.stdout.read)
         check = subprocess.run(healthcheck_command(ins), env=env, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -132,16 +123,7 @@ def prometheus(server, tmp_path_factory):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 30
-        while True:
-            assert proc.poll() is None, (tmp / "prometheus.log").read_text()
-            try:
-                if httpx.get(url + "/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "prometheus did not start"
-            time.sleep(0.1)
+        wait_until_ready(proc, url + "/-/ready", 30, "prometheus", (tmp / "prometheus.log").read_text)
         yield Prometheus(url)
     finally:
         proc.terminate()

@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
-from tests.server_helpers import MODEL_NAME, free_port, save_tiny_model
+from tests.server_helpers import MODEL_NAME, free_port, save_tiny_model, wait_until_ready
 
 
 def test_serve_then_sigterm_saves_in_flight_work(tmp_path):
@@ -21,12 +20,7 @@ def test_serve_then_sigterm_saves_in_flight_work(tmp_path):
                             text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_ready(proc, url + "/health", 30, "the server", proc.stdout.read)
         body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 100000,
                 "ignore_eos": True, "stream": True, "session_id": "inflight"}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as stream:
