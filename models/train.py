@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from . import io
 from .config import ConfigError, ModelConfig
 from .data import TokenSplit, read_documents, sample_batch, tokenize_split
 from .model import MCModel
+from .optim import adamw, cosine_lr, set_lr
 from .tokenizer import Tokenizer, train_bpe
 
 TRAIN_STATE = "train_state.pt"
@@ -72,11 +72,7 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,11 +133,7 @@ class Trainer:
         return split
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        return adamw(self.model, self.cfg.lr, self.cfg.weight_decay)
 
     # --- the loop --------------------------------------------------------------------------
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -175,8 +167,7 @@ class Trainer:
                    disable=os.environ.get("MCSERVE_NO_PROGRESS") == "1")
         started, first_step, last_val = time.perf_counter(), self.step, None
         while self.step < last:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
+            set_lr(self.optimizer, lr_at(self.step, cfg))
             loss = self.loss(self.batch_for(self.step))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,7 +4,7 @@ is scored; a perfect lookup scores 1 and a constant guess scores near chance."""
 import pytest
 import torch
 
-from models.eval.mqar import IGNORE, MQARConfig, mqar_batch, recall_accuracy
+from models.eval.mqar import IGNORE, MQARConfig, MQARMixture, mqar_batch, recall_accuracy
 
 
 @pytest.mark.parametrize("seq_len,num_pairs", [(64, 4), (256, 16), (257, 64)])
@@ -46,3 +46,21 @@ def test_bad_configs_are_refused():
         MQARConfig(vocab_size=16, num_pairs=10)
     with pytest.raises(ValueError, match="seq_len"):
         MQARConfig(seq_len=32, num_pairs=16)
+
+
+def test_mixture_draws_each_task_with_its_weight_and_a_fixed_token_budget():
+    short, long = MQARConfig(vocab_size=64, seq_len=32, num_pairs=4), MQARConfig(vocab_size=64, seq_len=128, num_pairs=8)
+    mixture = MQARMixture((short, long), tokens_per_batch=256, weights=(3.0, 1.0))
+    shapes = [tuple(mixture(torch.Generator().manual_seed(i))[0].shape) for i in range(400)]
+    assert set(shapes) == {(8, 32), (2, 128)}
+    assert 0.65 < shapes.count((8, 32)) / len(shapes) < 0.85
+    only_long = MQARMixture((short, long), tokens_per_batch=256, weights=(0.0, 1.0))
+    assert all(only_long(torch.Generator().manual_seed(i))[0].shape == (2, 128) for i in range(20))
+
+
+@pytest.mark.parametrize("kwargs", [dict(tasks=()), dict(tokens_per_batch=16), dict(weights=(1.0,)),
+                                    dict(weights=(0.0, 0.0)), dict(weights=(-1.0, 2.0))])
+def test_mixture_rejects_bad_settings(kwargs):
+    tasks = (MQARConfig(vocab_size=64, seq_len=32, num_pairs=4), MQARConfig(vocab_size=64, seq_len=64, num_pairs=4))
+    with pytest.raises(ValueError):
+        MQARMixture(**{"tasks": tasks, "tokens_per_batch": 128, **kwargs})

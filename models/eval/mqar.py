@@ -56,6 +56,30 @@ def mqar_batch(config: MQARConfig, batch: int, generator: torch.Generator) -> tu
     return seq[:, :T], targets[:, 1:]
 
 
+@dataclass(frozen=True)
+class MQARMixture:
+    """Training batches drawn from several MQAR configurations, one per batch, each batch holding
+    about `tokens_per_batch` tokens (so short sequences come in bigger batches), as Zoology trains
+    on a mixture of lengths and pair counts."""
+    tasks: tuple[MQARConfig, ...]
+    tokens_per_batch: int = 4096
+    weights: tuple[float, ...] | None = None   # relative frequency of each task (default: equal)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("an MQAR mixture needs at least one task")
+        if self.tokens_per_batch < max(t.seq_len for t in self.tasks):
+            raise ValueError(f"tokens_per_batch {self.tokens_per_batch} is below the longest sequence")
+        if self.weights is not None and (len(self.weights) != len(self.tasks) or min(self.weights) < 0
+                                         or sum(self.weights) <= 0):
+            raise ValueError(f"weights must be one non-negative number per task, not all zero: {self.weights}")
+
+    def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = torch.tensor(self.weights or [1.0] * len(self.tasks), dtype=torch.float64)
+        task = self.tasks[int(torch.multinomial(weights, 1, generator=generator))]
+        return mqar_batch(task, self.tokens_per_batch // task.seq_len, generator)
+
+
 def recall_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Share of queried values predicted exactly (argmax), over every query in the batch."""
     asked = targets != IGNORE

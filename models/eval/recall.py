@@ -1,0 +1,254 @@
+"""The recall grid (issue 8): MQAR and needle-in-a-haystack for every MC aggregation on gla and
+delta memory, against a softmax-attention transformer of the same width.
+
+    python -m models.eval.recall                  # the default grid, about an hour on 2 CPU cores
+    python -m models.eval.recall --quick          # a smoke run of a few minutes
+
+Every model gets the same training steps and the same learning-rate sweep; the table reports each
+model at its best learning rate (mean accuracy over lengths). Runs go to `<out>/runs.jsonl` as they
+finish, and a second call skips the runs already there, so an interrupted grid resumes.
+`models.eval.recall_report` turns the runs into docs/recall.md's table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.config import AGGREGATIONS, ModelConfig
+from models.eval.mqar import MQARConfig, MQARMixture, mqar_batch
+from models.eval.needle import NeedleMixture, NeedleTask
+from models.eval.task_train import TaskTrainConfig, task_accuracy, train_on_task
+from models.eval.transformer import Transformer, TransformerConfig
+from models.model import MCModel
+from models.tokenizer import Tokenizer
+
+BUNDLED_TOKENIZER = Path(__file__).parents[1] / "weights" / "mc-gla-grm-small" / "tokenizer.json"
+TRANSFORMER = "transformer"
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    # The models: every aggregation on each memory, plus the transformer.
+    memories: tuple[str, ...] = ("gla", "delta")
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden: int = 256
+    segment_size: int = 64
+    # MQAR: evaluated at these lengths with these pair counts; trained on a mixture of them and of
+    # the short warm-up shapes, which is where the recall mechanism is learnt first.
+    lengths: tuple[int, ...] = (256, 512, 1024)
+    pairs: tuple[int, ...] = (16, 32, 48)
+    warmup_shapes: tuple[tuple[int, int], ...] = ((64, 4), (128, 8))
+    vocab_size: int = 128
+    mqar_steps: int = 1500
+    mqar_mixture_weights: tuple[float, ...] = (4, 2, 1, 1, 1)   # warm-up shapes first, then lengths
+    # Needle: trained on haystacks of the same lengths (the bundled model's tokenizer), scored
+    # through the engine at these depths.
+    needle_steps: int = 400
+    needle_tokens_per_batch: int = 2048
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    needle_per_cell: int = 8
+    # Shared by every run.
+    lrs: tuple[float, ...] = (3e-3,)   # the one-hour default; --lrs 1e-3,3e-3 sweeps
+    seeds: tuple[int, ...] = (0,)
+    tokens_per_batch: int = 4096
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if len(self.lengths) != len(self.pairs):
+            raise ValueError("lengths and pairs must have the same number of entries")
+        for seq_len, pairs in zip(self.lengths, self.pairs):
+            MQARConfig(self.vocab_size, seq_len, pairs)  # raises on an impossible task
+        if not self.lrs or not self.seeds:
+            raise ValueError("need at least one learning rate and one seed")
+        if len(self.mqar_mixture_weights) != len(self.warmup_shapes) + len(self.lengths):
+            raise ValueError("mqar_mixture_weights needs one weight per warm-up shape and per length")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [f"{m}-{a}" for m in self.memories for a in self.aggregations] + [TRANSFORMER]
+
+    def mqar_tasks(self) -> list[MQARConfig]:
+        return [MQARConfig(self.vocab_size, n, p) for n, p in zip(self.lengths, self.pairs)]
+
+
+QUICK = dict(aggregations=("none", "grm"), memories=("gla",), d_model=64, n_heads=2, mlp_hidden=128,
+             lengths=(128, 256), pairs=(8, 16), warmup_shapes=((64, 4),), mqar_mixture_weights=(2, 1, 1),
+             mqar_steps=60, needle_steps=20, needle_tokens_per_batch=1024, depths=(0.0, 1.0), needle_per_cell=2,
+             tokens_per_batch=1024, eval_batches=1)
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str          # "mqar" or "needle"
+    model: str         # "gla-grm", ..., "transformer"
+    lr: float
+    seed: int
+    grid: GridConfig = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.model}/lr={self.lr:g}/seed={self.seed}"
+
+
+def build_model(name: str, vocab_size: int, grid: GridConfig) -> nn.Module:
+    if name == TRANSFORMER:
+        return Transformer(TransformerConfig(vocab_size=vocab_size, d_model=grid.d_model, n_layers=grid.n_layers,
+                                             n_heads=grid.n_heads, mlp_hidden=grid.mlp_hidden))
+    memory, aggregation = name.split("-")
+    head_dim = grid.d_model // grid.n_heads
+    return MCModel(ModelConfig(vocab_size=vocab_size, d_model=grid.d_model, n_layers=grid.n_layers,
+                               n_heads=grid.n_heads, dk=head_dim, dv=head_dim, mlp_hidden=grid.mlp_hidden,
+                               memory=memory, aggregation=aggregation, segment_size=grid.segment_size))
+
+
+def state_bytes(model: nn.Module) -> dict:
+    """Inference memory in fp32: the fixed part, and what each further token of context adds
+    (a KV cache for the transformer; one checkpoint per segment for MC, amortised per token)."""
+    if isinstance(model, Transformer):
+        return {"fixed_state_bytes": 0, "bytes_per_token": model.state_bytes_per_token()}
+    c = model.config
+    empty = model.new_state(1)
+    one_segment = model.new_state(1)
+    with torch.no_grad():
+        model.prefill(torch.zeros(1, c.segment_size, dtype=torch.long), one_segment)
+    per_checkpoint = one_segment.nbytes() - empty.nbytes()
+    return {"fixed_state_bytes": empty.nbytes(), "bytes_per_token": per_checkpoint / c.segment_size}
+
+
+def execute(run: Run) -> dict:
+    """Train one model on one task and evaluate it (runs in a worker process)."""
+    torch.set_num_threads(1)  # the grid runs one model per core
+    grid, device = run.grid, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(run.seed)
+    steps = grid.mqar_steps if run.task == "mqar" else grid.needle_steps
+    train_cfg = TaskTrainConfig(steps=steps, lr=run.lr, seed=run.seed, warmup=min(100, steps // 10))
+    if run.task == "mqar":
+        model = build_model(run.model, grid.vocab_size, grid)
+        shapes = tuple(grid.warmup_shapes) + tuple(zip(grid.lengths, grid.pairs))
+        mixture = MQARMixture(tuple(MQARConfig(grid.vocab_size, n, p) for n, p in shapes), grid.tokens_per_batch,
+                              tuple(grid.mqar_mixture_weights))
+        trained = train_on_task(model, mixture, train_cfg, device)
+        accuracy = {str(t.seq_len): task_accuracy(
+            model, lambda g, t=t: mqar_batch(t, max(1, grid.tokens_per_batch // t.seq_len), g), device,
+            batches=grid.eval_batches) for t in grid.mqar_tasks()}
+        details = {}
+    else:
+        from models.eval.needle_eval import needle_examples, needle_scores  # imports the engine
+        needle = NeedleTask(Tokenizer.from_file(BUNDLED_TOKENIZER))
+        model = build_model(run.model, needle.tokenizer.vocab_size, grid)
+        trained = train_on_task(model, NeedleMixture(needle, grid.lengths, grid.needle_tokens_per_batch), train_cfg, device)
+        records = needle_scores(model, needle_examples(needle, list(grid.lengths), list(grid.depths),
+                                                       grid.needle_per_cell))
+        accuracy = {str(n): _mean(r["correct"] for r in records if r["seq_len"] == n) for n in grid.lengths}
+        details = {"by_depth": {f"{n}@{d:g}": _mean(r["correct"] for r in records
+                                                    if r["seq_len"] == n and r["depth"] == d)
+                                for n in grid.lengths for d in grid.depths}}
+    return {"key": run.key, "task": run.task, "model": run.model, "lr": run.lr, "seed": run.seed,
+            "steps": steps, "accuracy": accuracy, **details, "final_loss": trained.final_loss,
+            "train_seconds": round(trained.seconds, 1), "parameters": sum(p.numel() for p in model.parameters()),
+            **state_bytes(model.cpu()), "device": device.type}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def plan(grid: GridConfig, tasks: tuple[str, ...]) -> list[Run]:
+    return [Run(task, name, lr, seed, grid) for task in tasks for name in grid.model_names
+            for lr in grid.lrs for seed in grid.seeds]
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def run_grid(grid: GridConfig, out: Path, tasks: tuple[str, ...], jobs: int, log=print) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "runs.jsonl"
+    (out / "grid.json").write_text(json.dumps(dataclasses.asdict(grid), indent=2))
+    finished = done_keys(results)
+    todo = [run for run in plan(grid, tasks) if run.key not in finished]
+    log(f"{len(todo)} runs to do ({len(finished)} already in {results}), {jobs} at a time")
+    started = time.perf_counter()
+    for i, record in enumerate(_execute_all(todo, jobs), 1):
+        with open(results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        accs = " ".join(f"{n}:{a:.2f}" for n, a in record["accuracy"].items())
+        log(f"[{i}/{len(todo)} {time.perf_counter() - started:.0f}s] {record['key']}: {accs} "
+            f"({record['train_seconds']:.0f}s)")
+    return results
+
+
+def _execute_all(runs: list[Run], jobs: int):
+    """Records as runs finish: in worker processes, or here one by one with --jobs 1."""
+    if jobs == 1:
+        threads = torch.get_num_threads()
+        try:
+            yield from map(execute, runs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        for future in as_completed([pool.submit(execute, run) for run in runs]):
+            yield future.result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.eval.recall", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/recall", help="directory for runs.jsonl (default runs/recall)")
+    parser.add_argument("--tasks", default="mqar,needle", help="comma list of mqar, needle")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test")
+    parser.add_argument("--mqar-steps", type=int)
+    parser.add_argument("--needle-steps", type=int)
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--lrs", help="comma list of learning rates to sweep (default 3e-3)")
+    parser.add_argument("--report", default="docs/recall.md", help="markdown file whose table is rewritten "
+                        "('' to skip)")
+    args = parser.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not tasks or set(tasks) - {"mqar", "needle"}:
+        parser.error(f"--tasks must be a comma list of mqar, needle; got {args.tasks!r}")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    overrides = dict(QUICK) if args.quick else {}
+    for name in ("mqar_steps", "needle_steps"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.seeds))
+    if args.lrs is not None:
+        try:
+            overrides["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+        except ValueError:
+            parser.error(f"--lrs must be a comma list of numbers, got {args.lrs!r}")
+    try:
+        grid = GridConfig(**overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    results = run_grid(grid, Path(args.out), tasks, args.jobs)
+    if args.report:
+        from models.eval.recall_report import write_report
+        write_report(results, grid, Path(args.report))
+        print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    main()

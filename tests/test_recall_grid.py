@@ -1,0 +1,81 @@
+"""The recall grid end to end on a tiny grid: every planned run is trained, evaluated and written
+once; a second call resumes (does nothing); the report shows every model at its best learning
+rate and keeps the hand-written prose around its table."""
+
+import json
+
+import pytest
+
+from models.eval import recall
+from models.eval.recall_report import END, START, best_by_model, write_report
+
+TINY_GRID = ["--quick", "--jobs", "1", "--mqar-steps", "8", "--needle-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall")
+    report = out / "recall.md"
+    report.write_text(f"# Recall\n\nProse before.\n\n{START}\nold table\n{END}\n\nProse after.\n")
+    recall.main([*TINY_GRID, "--out", str(out / "runs"), "--report", str(report)])
+    return out, report
+
+
+def test_every_run_is_recorded_once_with_its_measurements(grid_run):
+    out, _ = grid_run
+    runs = [json.loads(line) for line in (out / "runs" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in runs) == sorted(
+        f"{task}/{model}/lr=0.003/seed=0" for task in ("mqar", "needle")
+        for model in ("gla-none", "gla-grm", "transformer"))
+    for r in runs:
+        assert set(r["accuracy"]) == {"128", "256"} and all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert r["parameters"] > 0 and r["train_seconds"] >= 0 and r["bytes_per_token"] >= 0
+    by_model = {r["model"]: r for r in runs if r["task"] == "mqar"}
+    assert by_model["gla-none"]["bytes_per_token"] == 0 < by_model["gla-grm"]["bytes_per_token"]
+    assert by_model["transformer"]["fixed_state_bytes"] == 0 < by_model["transformer"]["bytes_per_token"]
+    assert all(len(r["by_depth"]) == 4 for r in runs if r["task"] == "needle")
+
+
+def test_a_second_call_resumes_without_rerunning(grid_run, capsys):
+    out, report = grid_run
+    before = (out / "runs" / "runs.jsonl").read_text()
+    recall.main([*TINY_GRID, "--out", str(out / "runs"), "--report", ""])
+    assert "0 runs to do" in capsys.readouterr().out
+    assert (out / "runs" / "runs.jsonl").read_text() == before
+
+
+def test_report_rewrites_only_its_block(grid_run):
+    _, report = grid_run
+    text = report.read_text()
+    assert text.startswith("# Recall\n\nProse before.") and text.rstrip().endswith("Prose after.")
+    assert "old table" not in text and text.count(START) == text.count(END) == 1
+    for model in ("gla-none", "gla-grm", "transformer"):
+        assert f"| {model} |" in text
+    assert (report.parent / "recall.png").stat().st_size > 1000
+
+
+def test_best_learning_rate_is_chosen_on_mean_accuracy_over_seeds():
+    def run(lr, seed, accs):
+        return {"task": "mqar", "model": "gla-grm", "lr": lr, "seed": seed, "accuracy": accs, "parameters": 1,
+                "train_seconds": 1.0, "fixed_state_bytes": 0, "bytes_per_token": 0}
+    runs = [run(1e-3, 0, {"256": 0.9, "512": 0.1}), run(1e-3, 1, {"256": 0.7, "512": 0.1}),
+            run(3e-3, 0, {"256": 0.5, "512": 0.5}), run(3e-3, 1, {"256": 0.5, "512": 0.5})]
+    best = best_by_model(runs, "mqar")["gla-grm"]
+    assert best["lr"] == 3e-3 and best["seeds"] == 2 and best["accuracy"] == {"256": 0.5, "512": 0.5}
+    only_first = best_by_model(runs[:2], "mqar")["gla-grm"]
+    assert only_first["accuracy"]["256"] == pytest.approx(0.8) and only_first["spread"]["256"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("argv,message", [(["--tasks", "mqar,bogus"], "--tasks"), (["--jobs", "0"], "--jobs"),
+                                          (["--lrs", "fast"], "--lrs")])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recall.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_without_a_file_creates_one(tmp_path, grid_run):
+    out, _ = grid_run
+    target = tmp_path / "new.md"
+    write_report(out / "runs" / "runs.jsonl", recall.GridConfig(**recall.QUICK), target)
+    assert target.read_text().startswith("# Recall evaluation") and START in target.read_text()
