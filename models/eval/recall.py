@@ -131,35 +131,43 @@ def state_bytes(model: nn.Module) -> dict:
 def execute(run: Run) -> dict:
     """Train one model on one task and evaluate it (runs in a worker process)."""
     torch.set_num_threads(1)  # the grid runs one model per core
-    grid, device = run.grid, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(run.seed)
-    steps = grid.mqar_steps if run.task == "mqar" else grid.needle_steps
+    steps = run.grid.mqar_steps if run.task == "mqar" else run.grid.needle_steps
     train_cfg = TaskTrainConfig(steps=steps, lr=run.lr, seed=run.seed, warmup=min(100, steps // 10))
-    if run.task == "mqar":
-        model = build_model(run.model, grid.vocab_size, grid)
-        shapes = tuple(grid.warmup_shapes) + tuple(zip(grid.lengths, grid.pairs))
-        mixture = MQARMixture(tuple(MQARConfig(grid.vocab_size, n, p) for n, p in shapes), grid.tokens_per_batch,
-                              tuple(grid.mqar_mixture_weights))
-        trained = train_on_task(model, mixture, train_cfg, device)
-        accuracy = {str(t.seq_len): task_accuracy(
-            model, lambda g, t=t: mqar_batch(t, max(1, grid.tokens_per_batch // t.seq_len), g), device,
-            batches=grid.eval_batches) for t in grid.mqar_tasks()}
-        details = {}
-    else:
-        from models.eval.needle_eval import needle_examples, needle_scores  # imports the engine
-        needle = NeedleTask(Tokenizer.from_file(BUNDLED_TOKENIZER))
-        model = build_model(run.model, needle.tokenizer.vocab_size, grid)
-        trained = train_on_task(model, NeedleMixture(needle, grid.lengths, grid.needle_tokens_per_batch), train_cfg, device)
-        records = needle_scores(model, needle_examples(needle, list(grid.lengths), list(grid.depths),
-                                                       grid.needle_per_cell))
-        accuracy = {str(n): _mean(r["correct"] for r in records if r["seq_len"] == n) for n in grid.lengths}
-        details = {"by_depth": {f"{n}@{d:g}": _mean(r["correct"] for r in records
-                                                    if r["seq_len"] == n and r["depth"] == d)
-                                for n in grid.lengths for d in grid.depths}}
+    model, trained, scores = (_mqar if run.task == "mqar" else _needle)(run, train_cfg, device)
     return {"key": run.key, "task": run.task, "model": run.model, "lr": run.lr, "seed": run.seed,
-            "steps": steps, "accuracy": accuracy, **details, "final_loss": trained.final_loss,
+            "steps": steps, **scores, "final_loss": trained.final_loss,
             "train_seconds": round(trained.seconds, 1), "parameters": sum(p.numel() for p in model.parameters()),
             **state_bytes(model.cpu()), "device": device.type}
+
+
+def _mqar(run: Run, train_cfg: TaskTrainConfig, device: torch.device):
+    grid = run.grid
+    model = build_model(run.model, grid.vocab_size, grid)
+    shapes = tuple(grid.warmup_shapes) + tuple(zip(grid.lengths, grid.pairs))
+    mixture = MQARMixture(tuple(MQARConfig(grid.vocab_size, n, p) for n, p in shapes), grid.tokens_per_batch,
+                          tuple(grid.mqar_mixture_weights))
+    trained = train_on_task(model, mixture, train_cfg, device)
+    accuracy = {str(t.seq_len): task_accuracy(
+        model, lambda g, t=t: mqar_batch(t, max(1, grid.tokens_per_batch // t.seq_len), g), device,
+        batches=grid.eval_batches) for t in grid.mqar_tasks()}
+    return model, trained, {"accuracy": accuracy}
+
+
+def _needle(run: Run, train_cfg: TaskTrainConfig, device: torch.device):
+    from models.eval.needle_eval import needle_examples, needle_scores  # imports the engine
+    grid = run.grid
+    needle = NeedleTask(Tokenizer.from_file(BUNDLED_TOKENIZER))
+    model = build_model(run.model, needle.tokenizer.vocab_size, grid)
+    trained = train_on_task(model, NeedleMixture(needle, grid.lengths, grid.needle_tokens_per_batch),
+                            train_cfg, device)
+    records = needle_scores(model, needle_examples(needle, list(grid.lengths), list(grid.depths),
+                                                   grid.needle_per_cell))
+    accuracy = {str(n): _mean(r["correct"] for r in records if r["seq_len"] == n) for n in grid.lengths}
+    by_depth = {f"{n}@{d:g}": _mean(r["correct"] for r in records if r["seq_len"] == n and r["depth"] == d)
+                for n in grid.lengths for d in grid.depths}
+    return model, trained, {"accuracy": accuracy, "by_depth": by_depth}
 
 
 def _mean(values) -> float:
