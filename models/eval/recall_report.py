@@ -10,6 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from models.config import AGGREGATIONS
+
 START, END = "<!-- recall-results:start -->", "<!-- recall-results:end -->"
 TITLES = {"mqar": "MQAR accuracy (queried values predicted exactly)",
           "needle": "Needle-in-a-haystack accuracy (number generated exactly, through LLMEngine)"}
@@ -41,7 +43,6 @@ def best_by_model(runs: list[dict], task: str) -> dict[str, dict]:
 
 def _order(model: str) -> tuple:
     memory, _, aggregation = model.partition("-")
-    from models.config import AGGREGATIONS
     return (memory == "transformer", memory, AGGREGATIONS.index(aggregation) if aggregation in AGGREGATIONS else 0)
 
 
