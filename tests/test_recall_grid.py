@@ -30,6 +30,7 @@ def test_every_run_is_recorded_once_with_its_measurements(grid_run):
     for r in runs:
         assert set(r["accuracy"]) == {"128", "256"} and all(0 <= a <= 1 for a in r["accuracy"].values())
         assert r["parameters"] > 0 and r["train_seconds"] >= 0 and r["bytes_per_token"] >= 0
+        assert 1 <= len(r["loss_curve"]) <= 10 and all(loss > 0 for loss in r["loss_curve"])
     by_model = {r["model"]: r for r in runs if r["task"] == "mqar"}
     assert by_model["gla-none"]["bytes_per_token"] == 0 < by_model["gla-grm"]["bytes_per_token"]
     assert by_model["transformer"]["fixed_state_bytes"] == 0 < by_model["transformer"]["bytes_per_token"]
@@ -67,7 +68,8 @@ def test_best_learning_rate_is_chosen_on_mean_accuracy_over_seeds():
 
 
 @pytest.mark.parametrize("argv,message", [(["--tasks", "mqar,bogus"], "--tasks"), (["--jobs", "0"], "--jobs"),
-                                          (["--lrs", "fast"], "--lrs")])
+                                          (["--lrs", "fast"], "--lrs"), (["--needle-lrs", "1e-3,x"], "--needle-lrs"),
+                                          (["--lrs", "0"], "positive")])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recall.main(argv)
@@ -79,3 +81,18 @@ def test_report_without_a_file_creates_one(tmp_path, grid_run):
     target = tmp_path / "new.md"
     write_report(out / "runs" / "runs.jsonl", recall.GridConfig(**recall.QUICK), target)
     assert target.read_text().startswith("# Recall evaluation") and START in target.read_text()
+
+
+def test_mqar_sweeps_its_learning_rates_and_the_needle_runs_at_its_own():
+    grid = recall.GridConfig(lrs=(1e-3, 3e-3), needle_lrs=(2e-3,), seeds=(0, 1))
+    runs = recall.plan(grid, ("mqar", "needle"))
+    models = len(grid.model_names)
+    assert len(runs) == models * 2 * 2 + models * 1 * 2
+    assert {r.lr for r in runs if r.task == "mqar"} == {1e-3, 3e-3}
+    assert {r.lr for r in runs if r.task == "needle"} == {2e-3}
+    assert len({r.key for r in runs}) == len(runs)
+
+
+def test_loss_curve_is_the_mean_over_equal_spans():
+    assert recall._loss_curve([4.0] * 5 + [2.0] * 5, points=2) == [4.0, 2.0]
+    assert recall._loss_curve([3.0, 1.0], points=10) == [3.0, 1.0]

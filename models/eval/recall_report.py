@@ -35,6 +35,7 @@ def best_by_model(runs: list[dict], task: str) -> dict[str, dict]:
                    "spread": {n: max(r["accuracy"][n] for r in group) - min(r["accuracy"][n] for r in group)
                               for n in lengths},
                    "train_seconds": sum(r["train_seconds"] for r in group) / len(group),
+                   "end_losses": [r["loss_curve"][-1] for r in group if r.get("loss_curve")],
                    "mean": sum(acc.values()) / len(acc)}
         if model not in best or summary["mean"] > best[model]["mean"]:
             best[model] = summary
@@ -51,20 +52,28 @@ def table(best: dict[str, dict]) -> str:
         return "_no runs_\n"
     lengths = list(next(iter(best.values()))["accuracy"])
     head = ("| model | params | fixed state | + bytes/token | best lr | "
-            + " | ".join(f"acc @ {n}" for n in lengths) + " | train s/run |")
-    rule = "|" + "---|" * (6 + len(lengths))
+            + " | ".join(f"acc @ {n}" for n in lengths) + " | end loss | train s/run |")
+    rule = "|" + "---|" * (7 + len(lengths))
     rows = []
     for model in sorted(best, key=_order):
         s = best[model]
         accs = " | ".join(_acc(s, n) for n in lengths)
         rows.append(f"| {model} | {s['parameters']:,} | {_kib(s['fixed_state_bytes'])} | "
-                    f"{s['bytes_per_token']:,.0f} | {s['lr']:g} | {accs} | {s['train_seconds']:.0f} |")
+                    f"{s['bytes_per_token']:,.0f} | {s['lr']:g} | {accs} | {_end_loss(s)} | "
+                    f"{s['train_seconds']:.0f} |")
     return "\n".join([head, rule, *rows]) + "\n"
 
 
 def _acc(summary: dict, n: str) -> str:
     text = f"{summary['accuracy'][n]:.3f}"
     return text + (f" ±{summary['spread'][n] / 2:.3f}" if summary["seeds"] > 1 else "")
+
+
+def _end_loss(summary: dict) -> str:
+    """Training loss over the last tenth of the run (mean over seeds): near zero when the task is
+    solved, near log(#values) when the model never left chance."""
+    curve = summary.get("end_losses")
+    return f"{sum(curve) / len(curve):.2f}" if curve else "-"
 
 
 def _kib(nbytes: float) -> str:
@@ -133,7 +142,7 @@ def results_markdown(runs: list[dict], grid, plot_name: str | None) -> str:
 
 def _grid_summary(grid) -> dict:
     keys = ("d_model", "n_layers", "n_heads", "segment_size", "lengths", "pairs", "vocab_size", "mqar_steps",
-            "needle_steps", "lrs", "seeds", "tokens_per_batch")
+            "needle_steps", "lrs", "needle_lrs", "seeds", "tokens_per_batch")
     return {k: getattr(grid, k) for k in keys}
 
 
