@@ -69,7 +69,8 @@ def test_best_learning_rate_is_chosen_on_mean_accuracy_over_seeds():
 
 @pytest.mark.parametrize("argv,message", [(["--tasks", "mqar,bogus"], "--tasks"), (["--jobs", "0"], "--jobs"),
                                           (["--lrs", "fast"], "--lrs"), (["--needle-lrs", "1e-3,x"], "--needle-lrs"),
-                                          (["--lrs", "0"], "positive")])
+                                          (["--lrs", "0"], "positive"), (["--models", "gla-bogus"], "--models"),
+                                          (["--models", ","], "--models")])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recall.main(argv)
@@ -96,3 +97,9 @@ def test_mqar_sweeps_its_learning_rates_and_the_needle_runs_at_its_own():
 def test_loss_curve_is_the_mean_over_equal_spans():
     assert recall._loss_curve([4.0] * 5 + [2.0] * 5, points=2) == [4.0, 2.0]
     assert recall._loss_curve([3.0, 1.0], points=10) == [3.0, 1.0]
+
+
+def test_models_option_runs_only_the_named_models(tmp_path):
+    recall.main([*TINY_GRID, "--tasks", "mqar", "--models", "gla-grm", "--out", str(tmp_path), "--report", ""])
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in runs] == ["mqar/gla-grm/lr=0.003/seed=0"]

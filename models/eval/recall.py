@@ -188,9 +188,11 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def plan(grid: GridConfig, tasks: tuple[str, ...]) -> list[Run]:
+def plan(grid: GridConfig, tasks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list[Run]:
+    """Every run of the grid (or of the named models only), in the order they are started."""
     lrs = {"mqar": grid.lrs, "needle": grid.needle_lrs}
-    return [Run(task, name, lr, seed, grid) for task in tasks for name in grid.model_names
+    names = [name for name in grid.model_names if models is None or name in models]
+    return [Run(task, name, lr, seed, grid) for task in tasks for name in names
             for lr in lrs[task] for seed in grid.seeds]
 
 
@@ -200,12 +202,13 @@ def done_keys(path: Path) -> set[str]:
     return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def run_grid(grid: GridConfig, out: Path, tasks: tuple[str, ...], jobs: int, log=print) -> Path:
+def run_grid(grid: GridConfig, out: Path, tasks: tuple[str, ...], jobs: int, log=print,
+             models: tuple[str, ...] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "runs.jsonl"
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(grid), indent=2))
     finished = done_keys(results)
-    todo = [run for run in plan(grid, tasks) if run.key not in finished]
+    todo = [run for run in plan(grid, tasks, models) if run.key not in finished]
     log(f"{len(todo)} runs to do ({len(finished)} already in {results}), {jobs} at a time")
     started = time.perf_counter()
     for i, record in enumerate(_execute_all(todo, jobs), 1):
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="mqar,needle", help="comma list of mqar, needle")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test")
+    parser.add_argument("--models", help="comma list of the grid's models to run (default all), "
+                        "e.g. gla-none,gla-grm,transformer")
     parser.add_argument("--mqar-steps", type=int)
     parser.add_argument("--needle-steps", type=int)
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
@@ -268,7 +273,14 @@ def main(argv: list[str] | None = None) -> None:
         grid = GridConfig(**overrides)
     except ValueError as e:
         parser.error(str(e))
-    results = run_grid(grid, Path(args.out), tasks, args.jobs)
+    models = None
+    if args.models is not None:
+        models = tuple(m for m in args.models.split(",") if m)
+        unknown = sorted(set(models) - set(grid.model_names))
+        if not models or unknown:
+            parser.error(f"--models must name models of the grid ({', '.join(grid.model_names)}); "
+                         f"unknown: {', '.join(unknown) or args.models!r}")
+    results = run_grid(grid, Path(args.out), tasks, args.jobs, models=models)
     if args.report:
         from models.eval.recall_report import write_report
         write_report(results, grid, Path(args.report))
