@@ -33,7 +33,7 @@ def test_every_run_is_recorded_once_with_its_measurements(grid_run):
         assert 1 <= len(r["loss_curve"]) <= 10 and all(loss > 0 for loss in r["loss_curve"])
     by_model = {r["model"]: r for r in runs if r["task"] == "mqar"}
     assert by_model["gla-none"]["bytes_per_token"] == 0 < by_model["gla-grm"]["bytes_per_token"]
-    assert by_model["transformer"]["fixed_state_bytes"] == 0 < by_model["transformer"]["bytes_per_token"]
+    assert 0 < by_model["transformer"]["fixed_state_bytes"] < by_model["transformer"]["bytes_per_token"] * 64
     assert all(len(r["by_depth"]) == 4 for r in runs if r["task"] == "needle")
 
 

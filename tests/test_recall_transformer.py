@@ -1,5 +1,6 @@
 """The transformer baseline of the recall evaluation: causal, rotary, and able to learn MQAR."""
 
+import pytest
 import torch
 
 from models.eval.mqar import MQARConfig, mqar_batch, recall_accuracy
@@ -15,6 +16,26 @@ def test_attention_is_causal():
     with torch.no_grad():
         assert torch.allclose(model(x)[0, :8], model(y)[0, :8], atol=1e-6)
         assert not torch.allclose(model(x)[0, 8:], model(y)[0, 8:], atol=1e-3)
+
+
+def test_without_the_short_conv_it_is_causal_too_and_bad_widths_are_refused():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=32, d_model=32, n_heads=2, mlp_hidden=48, conv_size=0)).eval()
+    assert not any("conv" in name for name, _ in model.named_parameters())
+    x = torch.randint(0, 32, (1, 12))
+    y = x.clone()
+    y[0, 6:] = (y[0, 6:] + 1) % 32
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0, :6], model(y)[0, :6], atol=1e-6)
+    for width in (-1, 1):
+        with pytest.raises(ValueError, match="conv_size"):
+            TransformerConfig(conv_size=width)
+
+
+def test_fixed_state_is_the_conv_tail():
+    c = TransformerConfig(d_model=64, n_layers=3, conv_size=4)
+    assert Transformer(c).fixed_state_bytes() == 3 * 3 * 3 * 64 * 4
+    assert Transformer(TransformerConfig(d_model=64, conv_size=0)).fixed_state_bytes() == 0
 
 
 def test_rotary_scores_depend_on_offset_only():

@@ -125,7 +125,7 @@ def state_bytes(model: nn.Module) -> dict:
     """Inference memory in fp32: the fixed part, and what each further token of context adds
     (a KV cache for the transformer; one checkpoint per segment for MC, amortised per token)."""
     if isinstance(model, Transformer):
-        return {"fixed_state_bytes": 0, "bytes_per_token": model.state_bytes_per_token()}
+        return {"fixed_state_bytes": model.fixed_state_bytes(), "bytes_per_token": model.state_bytes_per_token()}
     c = model.config
     empty = model.new_state(1)
     one_segment = model.new_state(1)
