@@ -67,6 +67,19 @@ def test_best_learning_rate_is_chosen_on_mean_accuracy_over_seeds():
     assert only_first["accuracy"]["256"] == pytest.approx(0.8) and only_first["spread"]["256"] == pytest.approx(0.2)
 
 
+def test_sweep_table_shows_every_learning_rate_and_gaps():
+    from models.eval.recall_report import sweep_table
+
+    def run(model, lr, accs):
+        return {"task": "mqar", "model": model, "lr": lr, "accuracy": accs}
+    runs = [run("gla-grm", 1e-3, {"256": 0.9, "512": 0.5}), run("gla-grm", 3e-3, {"256": 0.2, "512": 0.0}),
+            run("gla-none", 3e-3, {"256": 1.0, "512": 0.8})]
+    text = sweep_table(runs, "mqar")
+    assert "| model | lr 0.001 | lr 0.003 |" in text
+    assert "| gla-none | - | 0.900 |" in text and "| gla-grm | 0.700 | 0.100 |" in text
+    assert sweep_table(runs[1:], "mqar") == ""
+
+
 @pytest.mark.parametrize("argv,message", [(["--tasks", "mqar,bogus"], "--tasks"), (["--jobs", "0"], "--jobs"),
                                           (["--lrs", "fast"], "--lrs"), (["--needle-lrs", "1e-3,x"], "--needle-lrs"),
                                           (["--lrs", "0"], "positive"), (["--models", "gla-bogus"], "--models"),

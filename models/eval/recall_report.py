@@ -80,6 +80,23 @@ def _kib(nbytes: float) -> str:
     return f"{nbytes / 1024:,.0f} KiB" if nbytes else "0"
 
 
+def sweep_table(runs: list[dict], task: str) -> str:
+    """Mean accuracy over lengths (and seeds) of every model at every learning rate it ran at;
+    '-' where a model has no run at that rate. Empty when the grid used one learning rate."""
+    cells: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["task"] == task:
+            cells[r["model"]][r["lr"]].append(sum(r["accuracy"].values()) / len(r["accuracy"]))
+    lrs = sorted({lr for per_lr in cells.values() for lr in per_lr})
+    if len(lrs) < 2:
+        return ""
+    lines = ["| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|" + "---|" * (1 + len(lrs))]
+    for model in sorted(cells, key=_order):
+        row = [f"{sum(cells[model][lr]) / len(cells[model][lr]):.3f}" if cells[model][lr] else "-" for lr in lrs]
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def depth_table(runs: list[dict], best: dict[str, dict]) -> str:
     """Needle accuracy by depth (over lengths) for each model's best learning rate."""
     cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -132,6 +149,9 @@ def results_markdown(runs: list[dict], grid, plot_name: str | None) -> str:
     for task in tasks:
         best = best_by_model(runs, task)
         parts.append(f"### {TITLES[task]}\n\n{table(best)}")
+        sweep = sweep_table(runs, task)
+        if sweep:
+            parts.append(f"Mean accuracy over the lengths at each learning rate:\n\n{sweep}")
         if task == "needle":
             parts.append(f"By depth (0 = start of the haystack, 1 = just before the question):\n\n"
                          f"{depth_table(runs, best)}")
