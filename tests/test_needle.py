@@ -2,6 +2,8 @@
 requested depth, only the answer is scored, and the engine's answers are the model's own greedy
 continuation (so the grid scores the server's generation path, not a copy of it)."""
 
+import re
+
 import pytest
 import torch
 
@@ -23,10 +25,12 @@ def test_example_has_the_needle_at_its_depth_and_the_exact_length(task, seq_len,
     ex = task.example(seq_len, depth, torch.Generator().manual_seed(3))
     assert len(ex.prompt) + len(ex.answer) == seq_len
     text = task.tokenizer.decode(ex.prompt)
-    needle = f"The magic number is {ex.number}."
-    assert text.count(needle) == 1 and text.endswith("What is the magic number? The magic number is")
+    key = next(k for k in task.keys if f"magic number for {k} is {ex.number}." in text)
+    needle = f" The magic number for {key} is {ex.number}."
+    question = f" What is the magic number for {key}? The magic number for {key} is"
+    assert text.count(needle) == 1 and text.endswith(question)
     assert task.tokenizer.decode(ex.answer) == f" {ex.number}" and len(str(ex.number)) == task.digits
-    filler_chars = len(text) - len(needle) - len(" What is the magic number? The magic number is")
+    filler_chars = len(text) - len(needle) - len(question)
     where = text.index(needle) / max(1, filler_chars)
     assert abs(where - depth) < 0.1
 
@@ -38,14 +42,29 @@ def test_bad_depth_and_too_short_haystack_are_refused(task):
         task.example(20, 0.5, torch.Generator())
 
 
-def test_training_batch_scores_only_the_answer(task):
-    inputs, targets = NeedleMixture(task, (64, 128), tokens_per_batch=256)(torch.Generator().manual_seed(0))
-    assert inputs.shape == targets.shape and inputs.shape[0] * (inputs.shape[1] + 1) == 256
-    for x, y in zip(inputs.tolist(), targets.tolist()):
-        scored = [t for t in range(len(y)) if y[t] != IGNORE]
-        assert scored == list(range(scored[0], len(y)))          # the answer closes the sequence
-        assert x[scored[0] + 1:] == y[scored[0]:-1]               # teacher forcing over the answer
-        assert task.tokenizer.decode(y[scored[0]:]).strip() in task.tokenizer.decode(x)
+def test_training_haystack_asks_for_every_needle_and_scores_only_the_answers(task):
+    generator = torch.Generator().manual_seed(0)
+    counts = set()
+    for _ in range(20):
+        inputs, targets = task.training_example(512, generator)
+        assert len(inputs) == len(targets) == 511
+        text = task.tokenizer.decode(inputs)
+        planted = {key: int(n) for key, n in re.findall(r"The magic number for (\w+) is (\d+)\.", text)}
+        asked = re.findall(r"What is the magic number for (\w+)\?", text)
+        assert sorted(asked) == sorted(planted) and 1 <= len(planted) <= task.max_training_needles(512)
+        counts.add(len(planted))
+        scored = [t for t in range(len(targets)) if targets[t] != IGNORE]
+        assert all(inputs[t + 1] == targets[t] for t in scored[:-1])       # teacher forcing
+        assert scored[-1] == len(targets) - 1                                # the last answer closes it
+        answers = task.tokenizer.decode([targets[t] for t in scored])
+        assert sorted(answers.split()) == sorted(str(n) for n in planted.values())
+    assert len(counts) > 1                                                   # the number of needles varies
+
+
+def test_training_mixture_fills_the_token_budget(task):
+    inputs, targets = NeedleMixture(task, (128, 256), tokens_per_batch=512)(torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape and inputs.shape[0] * (inputs.shape[1] + 1) == 512
+    assert (targets != IGNORE).any(dim=1).all()
 
 
 def test_engine_answers_are_the_models_greedy_continuation(task):

@@ -55,11 +55,12 @@ class GridConfig:
     mqar_steps: int = 1500
     mqar_mixture_weights: tuple[float, ...] = (4, 2, 1, 1, 1)   # warm-up shapes first, then lengths
     # Needle: trained on haystacks of the same lengths plus short warm-up ones (where the copy
-    # circuit is learnt cheaply: more answers per batch), with the bundled model's tokenizer;
-    # scored through the engine at these depths.
-    needle_steps: int = 600
-    needle_tokens_per_batch: int = 2048
-    needle_warmup_lengths: tuple[int, ...] = (128,)
+    # is learnt first, as MQAR's warm-up shapes), with the bundled model's tokenizer; scored
+    # through the engine at these depths.
+    needle_steps: int = 1000
+    needle_tokens_per_batch: int = 4096
+    needle_warmup_lengths: tuple[int, ...] = (64, 128)
+    needle_mixture_weights: tuple[float, ...] = (2, 1, 1, 1, 1)  # warm-up lengths first, then lengths
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     needle_per_cell: int = 8
     # Shared by every model. The default (~80 min on 2 cores) trains each model once at 3e-3;
@@ -81,6 +82,8 @@ class GridConfig:
             raise ValueError("learning rates must be positive")
         if len(self.mqar_mixture_weights) != len(self.warmup_shapes) + len(self.lengths):
             raise ValueError("mqar_mixture_weights needs one weight per warm-up shape and per length")
+        if len(self.needle_mixture_weights) != len(self.needle_warmup_lengths) + len(self.lengths):
+            raise ValueError("needle_mixture_weights needs one weight per warm-up length and per length")
 
     @property
     def model_names(self) -> list[str]:
@@ -93,6 +96,7 @@ class GridConfig:
 QUICK = dict(aggregations=("none", "grm"), memories=("gla",), d_model=64, n_heads=2, mlp_hidden=128,
              lengths=(128, 256), pairs=(8, 16), warmup_shapes=((64, 4),), mqar_mixture_weights=(2, 1, 1),
              mqar_steps=60, needle_steps=20, needle_tokens_per_batch=1024, needle_warmup_lengths=(64,),
+             needle_mixture_weights=(2, 1, 1),
              depths=(0.0, 1.0), needle_per_cell=2, tokens_per_batch=1024, eval_batches=1)
 
 
@@ -167,7 +171,8 @@ def _needle(run: Run, train_cfg: TaskTrainConfig, device: torch.device):
     needle = NeedleTask(Tokenizer.from_file(BUNDLED_TOKENIZER))
     model = build_model(run.model, needle.tokenizer.vocab_size, grid)
     lengths = tuple(grid.needle_warmup_lengths) + tuple(grid.lengths)
-    trained = train_on_task(model, NeedleMixture(needle, lengths, grid.needle_tokens_per_batch), train_cfg, device)
+    mixture = NeedleMixture(needle, lengths, grid.needle_tokens_per_batch, tuple(grid.needle_mixture_weights))
+    trained = train_on_task(model, mixture, train_cfg, device)
     records = needle_scores(model, needle_examples(needle, list(grid.lengths), list(grid.depths),
                                                    grid.needle_per_cell))
     accuracy = {str(n): _mean(r["correct"] for r in records if r["seq_len"] == n) for n in grid.lengths}
