@@ -74,3 +74,13 @@ def test_engine_answers_are_the_models_greedy_continuation(task):
     records = needle_scores(model, examples)
     assert [r["seq_len"] for r in records] == [96] * 4 + [160] * 4
     assert all(isinstance(r["correct"], bool) for r in records)
+
+
+def test_mixture_draws_lengths_by_weight_and_refuses_bad_weights(task):
+    mixture = NeedleMixture(task, (64, 128), tokens_per_batch=256, weights=(1, 0))
+    assert all(mixture(torch.Generator().manual_seed(s))[0].shape[1] == 63 for s in range(5))
+    for weights in [(1,), (1, -1), (0, 0)]:
+        with pytest.raises(ValueError, match="weights"):
+            NeedleMixture(task, (64, 128), weights=weights)
+    with pytest.raises(ValueError, match="at least one length"):
+        NeedleMixture(task, ())

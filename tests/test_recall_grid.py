@@ -116,3 +116,9 @@ def test_models_option_runs_only_the_named_models(tmp_path):
     recall.main([*TINY_GRID, "--tasks", "mqar", "--models", "gla-grm", "--out", str(tmp_path), "--report", ""])
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["key"] for r in runs] == ["mqar/gla-grm/lr=0.003/seed=0"]
+
+
+def test_needle_mixture_weights_must_match_the_lengths():
+    with pytest.raises(ValueError, match="needle_mixture_weights"):
+        recall.GridConfig(needle_mixture_weights=(1, 1))
+    assert len(recall.GridConfig().needle_mixture_weights) == 5
