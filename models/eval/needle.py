@@ -10,9 +10,9 @@ padding. A model answers right when its greedy continuation is the number's toke
 
 Evaluation plants one needle. Training plants several, under distinct keys at random depths, and
 asks for every one of them at the end (RULER's multi-key variant, with all keys queried): a
-single needle gives one scored answer per thousand tokens, too little signal for a small model
-to learn the copy in a few hundred steps; at most half of a training haystack is needles and
-questions, on average, so the filler still has to be skipped over.
+single needle gives one scored answer per haystack, too little signal for a small model to learn
+the copy in a few hundred steps. A haystack of n tokens holds 1 to n/40 needles, so on average
+about 40% of it is needles, questions and answers; the rest is filler to be skipped over.
 """
 
 from __future__ import annotations
