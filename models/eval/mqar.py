@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.eval.mixture import check_weights, draw
+
 IGNORE = -100
 
 
@@ -70,13 +72,10 @@ class MQARMixture:
             raise ValueError("an MQAR mixture needs at least one task")
         if self.tokens_per_batch < max(t.seq_len for t in self.tasks):
             raise ValueError(f"tokens_per_batch {self.tokens_per_batch} is below the longest sequence")
-        if self.weights is not None and (len(self.weights) != len(self.tasks) or min(self.weights) < 0
-                                         or sum(self.weights) <= 0):
-            raise ValueError(f"weights must be one non-negative number per task, not all zero: {self.weights}")
+        check_weights(self.weights, len(self.tasks), "task")
 
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = torch.tensor(self.weights or [1.0] * len(self.tasks), dtype=torch.float64)
-        task = self.tasks[int(torch.multinomial(weights, 1, generator=generator))]
+        task = self.tasks[draw(self.weights, len(self.tasks), generator)]
         return mqar_batch(task, self.tokens_per_batch // task.seq_len, generator)
 
 

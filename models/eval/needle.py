@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from models.eval.mixture import check_weights, draw
 from models.eval.mqar import IGNORE
 from models.tokenizer import Tokenizer
 
@@ -130,11 +131,8 @@ class NeedleMixture:
     def __post_init__(self) -> None:
         if not self.lengths:
             raise ValueError("a needle mixture needs at least one length")
-        if self.weights is not None and (len(self.weights) != len(self.lengths) or min(self.weights) < 0
-                                         or sum(self.weights) <= 0):
-            raise ValueError(f"weights must be one non-negative number per length, not all zero: {self.weights}")
+        check_weights(self.weights, len(self.lengths), "length")
 
     def __call__(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = torch.tensor(self.weights or [1.0] * len(self.lengths), dtype=torch.float64)
-        seq_len = self.lengths[int(torch.multinomial(weights, 1, generator=generator))]
+        seq_len = self.lengths[draw(self.weights, len(self.lengths), generator)]
         return self.task.batch(seq_len, max(1, self.tokens_per_batch // seq_len), generator)
