@@ -17,6 +17,7 @@ Chunked: [B,H,N,L,*] for N chunks of L tokens.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,9 @@ class Memory(nn.Module, metaclass=abc.ABCMeta):
         """The state-independent part of every chunk, computed for all chunks at once."""
 
     @abc.abstractmethod
-    def chunk_advance(self, terms: "ChunkTerms", n: int, M0: torch.Tensor):
-        """Chunk n from entering state M0 -> (online read-out [B,H,L,dv], state leaving it)."""
+    def chunk_advance(self, chunk: "ChunkTerms", M0: torch.Tensor):
+        """One chunk's terms (`ChunkTerms.unbind`) and the state M0 entering it -> (online
+        read-out [B,H,L,dv], state leaving it)."""
 
     @staticmethod
     def read(M: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -67,6 +69,13 @@ class ChunkTerms:
     k_to_end: torch.Tensor        # k_s * gamma_L / gamma_s, [B,H,N,L,dk]
     gamma_end: torch.Tensor       # total decay of the chunk, [B,H,N]
     w: torch.Tensor | None = None  # delta only: U = U' - W M0, [B,H,N,L,dk]
+
+    def unbind(self) -> list["ChunkTerms"]:
+        """The terms of each chunk (the N axis dropped). One unbind instead of indexing chunk n
+        in the loop: the backward of `x[:, :, n]` writes a full-size zero tensor per chunk."""
+        fields = [None if t is None else t.unbind(2)
+                  for t in (getattr(self, f.name) for f in dataclasses.fields(self))]
+        return [ChunkTerms(*(None if f is None else f[n] for f in fields)) for n in range(self.attn.shape[2])]
 
 
 def _decay_matrix(G: torch.Tensor, strict: bool) -> torch.Tensor:
@@ -107,10 +116,10 @@ class GatedLinearMemory(Memory):
             gamma_end=torch.exp(G[..., -1]),
         )
 
-    def chunk_advance(self, terms, n, M0):
-        v = terms.values[:, :, n]
-        out = terms.attn[:, :, n] @ v + terms.q_decayed[:, :, n] @ M0
-        M1 = terms.gamma_end[:, :, n, None, None] * M0 + terms.k_to_end[:, :, n].transpose(-1, -2) @ v
+    def chunk_advance(self, chunk, M0):
+        v = chunk.values
+        out = chunk.attn @ v + chunk.q_decayed @ M0
+        M1 = chunk.gamma_end[..., None, None] * M0 + chunk.k_to_end.transpose(-1, -2) @ v
         return out, M1
 
 
@@ -159,10 +168,10 @@ class DeltaMemory(Memory):
             w=solved[..., dv:],
         )
 
-    def chunk_advance(self, terms, n, M0):
-        u = terms.values[:, :, n] - terms.w[:, :, n] @ M0
-        out = terms.attn[:, :, n] @ u + terms.q_decayed[:, :, n] @ M0
-        M1 = terms.gamma_end[:, :, n, None, None] * M0 + terms.k_to_end[:, :, n].transpose(-1, -2) @ u
+    def chunk_advance(self, chunk, M0):
+        u = chunk.values - chunk.w @ M0
+        out = chunk.attn @ u + chunk.q_decayed @ M0
+        M1 = chunk.gamma_end[..., None, None] * M0 + chunk.k_to_end.transpose(-1, -2) @ u
         return out, M1
 
 

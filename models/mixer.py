@@ -181,8 +181,8 @@ class MCMixer(nn.Module):
         if scan is not None:
             chunks = self._fused_chunks(scan, q, k, v, log_a, beta, st.online, pos - front, pos + T)
         else:
-            terms = self.memory.chunk_terms(q, k, v, log_a, beta)
-            chunks = (lambda n, M: self.memory.chunk_advance(terms, n, M))
+            per_chunk = self.memory.chunk_terms(q, k, v, log_a, beta).unbind()
+            chunks = (lambda n, M: self.memory.chunk_advance(per_chunk[n], M))
         online, key_sum_at_start, visible = self._scan(chunks, k, st, p, pos - front, pos)
 
         if c.aggregation == "none" or st.ckpts.shape[2] == 0:
@@ -279,15 +279,16 @@ class MCMixer(nn.Module):
         mask = (torch.arange(n_total, device=q.device)[None, :] < vis[:, None])[:, None, :]  # [N,1,n]
         g_cached, g_online = gate_weights(cached_r, online_r, mask, c.aggregation, c.ssc_top_k)
         y = g_online[..., None] * online
-        # sum_i g_i C_i^T q as one matmul per chunk: [L, i*dk] @ [i*dk, dv].
+        # sum_i g_i C_i^T q as one matmul per chunk over the checkpoints it sees: [L, i*dk] @ [i*dk, dv].
+        # (Unbound once: indexing chunk n in the loop would cost a full-size zero tensor per
+        # chunk in the backward.)
         cached_flat = cached.flatten(2, 3)  # [B,H,n*dk,dv]
         reads = []
-        for n in range(N):
-            seen = visible[n]
+        for seen, g_n, q_n, online_n in zip(visible, g_cached.unbind(2), q.unbind(2), online.unbind(2)):
             if seen == 0:
-                reads.append(torch.zeros_like(online[:, :, n]))
+                reads.append(torch.zeros_like(online_n))
                 continue
-            weighted_q = (g_cached[:, :, n, :, :seen, None] * q[:, :, n, :, None, :]).flatten(3)
+            weighted_q = (g_n[..., :seen, None] * q_n[..., None, :]).flatten(3)
             reads.append(weighted_q @ cached_flat[:, :, :seen * dk])
         return y + torch.stack(reads, dim=2)
 

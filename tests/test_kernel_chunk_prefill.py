@@ -44,7 +44,7 @@ def test_reference_is_the_models_chunked_memory():
                             log_a.transpose(0, 1).unflatten(1, (2, 16))[None], None)
     M, outs = M0[None], []
     for n in range(2):
-        o, M = mem.chunk_advance(terms, n, M)
+        o, M = mem.chunk_advance(terms.unbind()[n], M)
         outs.append(o[0].transpose(0, 1))
     ref_out, _, ref_final = chunk_prefill_ref(q, k, v, log_a, M0, 16)
     assert torch.allclose(torch.cat(outs), ref_out, atol=1e-5) and torch.allclose(M[0], ref_final, atol=1e-5)
@@ -105,7 +105,7 @@ def test_terms_scan_kernel_matches_reference(memory, L, reset):
     # and the reference is the memory's own chunk loop
     M, outs = M0.cpu().view(B, H, 7, 9), []
     for n in range(N):
-        o, M = mem.chunk_advance(t, n, M)
+        o, M = mem.chunk_advance(t.unbind()[n], M)
         outs.append(o)
         if reset and n in (0, 2):
             M = torch.zeros_like(M)

@@ -32,6 +32,21 @@ def test_grm_equals_soup_for_matrix_memories(memory):
 
 
 @pytest.mark.parametrize("memory", models.MEMORIES)
+def test_grm_and_soup_train_identically(memory):
+    """The training path computes soup exactly as grm, to the bit: the recall grid trains grm
+    once and scores its weights as soup too (models/eval/recall.py, TRAINS_AS)."""
+    grm = tiny_model(memory=memory, aggregation="grm")
+    soup = same_weights(grm, aggregation="soup")
+    toks = tokens(2, 23)
+    out_grm, out_soup = grm(toks), soup(toks)
+    assert torch.equal(out_grm, out_soup)
+    out_grm.square().mean().backward()
+    out_soup.square().mean().backward()
+    for (name, a), b in zip(grm.named_parameters(), soup.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+@pytest.mark.parametrize("memory", models.MEMORIES)
 @torch.no_grad()
 def test_ssc_with_enough_top_k_equals_grm(memory):
     grm = tiny_model(memory=memory, aggregation="grm")

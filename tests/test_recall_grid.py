@@ -101,10 +101,39 @@ def test_mqar_sweeps_its_learning_rates_and_the_needle_runs_at_its_own():
     grid = recall.GridConfig(lrs=(1e-3, 3e-3), needle_lrs=(2e-3,), seeds=(0, 1))
     runs = recall.plan(grid, ("mqar", "needle"))
     models = len(grid.model_names)
-    assert len(runs) == models * 2 * 2 + models * 1 * 2
+    keys = [key for r in runs for key in r.keys]
+    assert len(keys) == len(set(keys)) == models * 2 * 2 + models * 1 * 2
     assert {r.lr for r in runs if r.task == "mqar"} == {1e-3, 3e-3}
     assert {r.lr for r in runs if r.task == "needle"} == {2e-3}
-    assert len({r.key for r in runs}) == len(runs)
+
+
+def test_soup_is_scored_on_grms_training_unless_grm_is_not_in_the_grid():
+    grid = recall.GridConfig()
+    runs = recall.plan(grid, ("mqar",))
+    assert [r.twins for r in runs if r.model.endswith("-grm")] == [("delta-soup",), ("gla-soup",)]
+    assert not any(r.model.endswith("-soup") for r in runs)
+    alone = recall.plan(grid, ("mqar",), models=("gla-soup", "gla-none"))
+    assert sorted((r.model, r.twins) for r in alone) == [("gla-none", ()), ("gla-soup", ())]
+
+
+def test_runs_start_longest_first():
+    runs = recall.plan(recall.GridConfig(), ("mqar", "needle"))
+    costs = [recall._expected_cost(r) for r in runs]
+    assert costs == sorted(costs, reverse=True)
+    assert runs[0].task == "mqar" and runs[0].model.startswith("delta-")
+
+
+def test_a_twin_gets_its_own_record_from_the_same_training():
+    grid = recall.GridConfig(**{**recall.QUICK, "aggregations": ("grm", "soup"), "mqar_steps": 6})
+    run = recall.Run("mqar", "gla-grm", 3e-3, 0, grid, twins=("gla-soup",))
+    grm, soup = recall.execute(run)
+    assert (grm["key"], soup["key"]) == ("mqar/gla-grm/lr=0.003/seed=0", "mqar/gla-soup/lr=0.003/seed=0")
+    assert soup["trained_as"] == "gla-grm" and "trained_as" not in grm
+    assert soup["loss_curve"] == grm["loss_curve"] and soup["parameters"] == grm["parameters"]
+    assert soup["accuracy"] == grm["accuracy"]  # MQAR scores the training path: bit-identical
+    from models.eval.recall_report import best_by_model, table
+    text = table(best_by_model([grm, soup], "mqar"))
+    assert f"| {grm['train_seconds']:.0f} |" in text and "| gla-grm's |" in text
 
 
 def test_loss_curve_is_the_mean_over_equal_spans():

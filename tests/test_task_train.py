@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from models.eval.mqar import IGNORE, MQARConfig, mqar_batch
-from models.eval.task_train import TaskTrainConfig, masked_loss, task_accuracy, train_on_task
+from models.config import ModelConfig
+from models.eval.task_train import TaskTrainConfig, masked_loss, scored_loss, task_accuracy, train_on_task
+from models.model import MCModel
 from models.eval.transformer import Transformer, TransformerConfig
 
 TASK = MQARConfig(vocab_size=32, seq_len=32, num_pairs=4)
@@ -26,6 +28,19 @@ def test_masked_loss_ignores_unscored_positions():
     targets[0, 3], targets[1, 1] = 4, 2
     expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 3], logits[1, 1]]), torch.tensor([4, 2]))
     assert torch.allclose(masked_loss(logits, targets), expected)
+
+
+@pytest.mark.parametrize("make", [fresh_model, lambda: MCModel(ModelConfig(
+    vocab_size=32, d_model=32, n_layers=2, n_heads=2, dk=16, dv=16, mlp_hidden=64, memory="delta",
+    aggregation="grm", segment_size=8))])
+def test_scored_loss_projects_only_the_scored_positions_and_equals_the_masked_loss(make):
+    model = make()
+    inputs, targets = sample(torch.Generator().manual_seed(1))
+    full = masked_loss(model(inputs), targets)
+    fast = scored_loss(model, inputs, targets)
+    assert torch.allclose(fast, full, atol=1e-5)
+    fast.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_training_is_reproducible_and_lowers_the_loss():

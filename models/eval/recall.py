@@ -25,14 +25,12 @@ import torch
 from torch import nn
 
 from models.config import AGGREGATIONS, ModelConfig
-from models.eval.mqar import MQARConfig, MQARMixture, mqar_batch
-from models.eval.needle import NeedleMixture, NeedleTask
-from models.eval.task_train import TaskTrainConfig, task_accuracy, train_on_task
+from models.eval.grid_tasks import grid_task, mean
+from models.eval.mqar import MQARConfig
+from models.eval.task_train import TaskTrainConfig, train_on_task
 from models.eval.transformer import Transformer, TransformerConfig
 from models.model import MCModel
-from models.tokenizer import Tokenizer
 
-BUNDLED_TOKENIZER = Path(__file__).parents[1] / "weights" / "mc-gla-grm-small" / "tokenizer.json"
 TRANSFORMER = "transformer"
 
 
@@ -100,6 +98,13 @@ QUICK = dict(aggregations=("none", "grm"), memories=("gla",), d_model=64, n_head
              depths=(0.0, 1.0), needle_per_cell=2, tokens_per_batch=1024, eval_batches=1)
 
 
+# Aggregations whose training is the very same computation as another's: for matrix memories the
+# soup's read-out (sum_j g_j M_j)^T q is grm's sum_j g_j M_j^T q, and the chunked training path
+# computes both the same way (DESIGN.md section 1; test_model_identities proves it). So the grid
+# trains grm once and scores those weights as soup too, through soup's own read-out.
+TRAINS_AS = {"soup": "grm"}
+
+
 @dataclass(frozen=True)
 class Run:
     task: str          # "mqar" or "needle"
@@ -107,10 +112,19 @@ class Run:
     lr: float
     seed: int
     grid: GridConfig = field(repr=False)
+    twins: tuple[str, ...] = ()  # models scored with this run's trained weights (TRAINS_AS)
+
+    def key_of(self, model: str) -> str:
+        return f"{self.task}/{model}/lr={self.lr:g}/seed={self.seed}"
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.model}/lr={self.lr:g}/seed={self.seed}"
+        return self.key_of(self.model)
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys of every record this run writes."""
+        return [self.key_of(m) for m in (self.model, *self.twins)]
 
 
 def build_model(name: str, vocab_size: int, grid: GridConfig) -> nn.Module:
@@ -138,66 +152,65 @@ def state_bytes(model: nn.Module) -> dict:
     return {"fixed_state_bytes": empty.nbytes(), "bytes_per_token": per_checkpoint / c.segment_size}
 
 
-def execute(run: Run) -> dict:
-    """Train one model on one task and evaluate it (runs in a worker process)."""
-    torch.set_num_threads(1)  # the grid runs one model per core
+def execute(run: Run) -> list[dict]:
+    """Train one model on one task and score it and its twins (runs in a worker process)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(run.seed)
     steps = run.grid.mqar_steps if run.task == "mqar" else run.grid.needle_steps
     train_cfg = TaskTrainConfig(steps=steps, lr=run.lr, seed=run.seed, warmup=min(100, steps // 10))
-    model, trained, scores = (_mqar if run.task == "mqar" else _needle)(run, train_cfg, device)
-    return {"key": run.key, "task": run.task, "model": run.model, "lr": run.lr, "seed": run.seed,
-            "steps": steps, **scores, "final_loss": trained.final_loss, "loss_curve": _loss_curve(trained.losses),
-            "train_seconds": round(trained.seconds, 1), "parameters": sum(p.numel() for p in model.parameters()),
-            **state_bytes(model.cpu()), "device": device.type}
+    task = grid_task(run.task, run.grid)
+    model = build_model(run.model, task.vocab_size, run.grid)
+    trained = train_on_task(model, task.mixture(), train_cfg, device)
+    training = {"task": run.task, "lr": run.lr, "seed": run.seed, "steps": steps, "final_loss": trained.final_loss,
+                "loss_curve": _loss_curve(trained.losses), "train_seconds": round(trained.seconds, 1),
+                "device": device.type}
+    records = []
+    for name in (run.model, *run.twins):
+        scored = model if name == run.model else _twin(model, name, task.vocab_size, run.grid).to(device)
+        records.append({"key": run.key_of(name), "model": name, **training, **task.scores(scored, device),
+                        **({"trained_as": run.model} if name != run.model else {}),
+                        "parameters": sum(p.numel() for p in scored.parameters()),
+                        **state_bytes(scored.cpu())})
+    return records
 
 
-def _mqar(run: Run, train_cfg: TaskTrainConfig, device: torch.device):
-    grid = run.grid
-    model = build_model(run.model, grid.vocab_size, grid)
-    shapes = tuple(grid.warmup_shapes) + tuple(zip(grid.lengths, grid.pairs))
-    mixture = MQARMixture(tuple(MQARConfig(grid.vocab_size, n, p) for n, p in shapes), grid.tokens_per_batch,
-                          tuple(grid.mqar_mixture_weights))
-    trained = train_on_task(model, mixture, train_cfg, device)
-    accuracy = {str(t.seq_len): task_accuracy(
-        model, lambda g, t=t: mqar_batch(t, max(1, grid.tokens_per_batch // t.seq_len), g), device,
-        batches=grid.eval_batches) for t in grid.mqar_tasks()}
-    return model, trained, {"accuracy": accuracy}
-
-
-def _needle(run: Run, train_cfg: TaskTrainConfig, device: torch.device):
-    from models.eval.needle_eval import needle_examples, needle_scores  # imports the engine
-    grid = run.grid
-    needle = NeedleTask(Tokenizer.from_file(BUNDLED_TOKENIZER))
-    model = build_model(run.model, needle.tokenizer.vocab_size, grid)
-    lengths = tuple(grid.needle_warmup_lengths) + tuple(grid.lengths)
-    mixture = NeedleMixture(needle, lengths, grid.needle_tokens_per_batch, tuple(grid.needle_mixture_weights))
-    trained = train_on_task(model, mixture, train_cfg, device)
-    records = needle_scores(model, needle_examples(needle, list(grid.lengths), list(grid.depths),
-                                                   grid.needle_per_cell))
-    accuracy = {str(n): _mean(r["correct"] for r in records if r["seq_len"] == n) for n in grid.lengths}
-    by_depth = {f"{n}@{d:g}": _mean(r["correct"] for r in records if r["seq_len"] == n and r["depth"] == d)
-                for n in grid.lengths for d in grid.depths}
-    return model, trained, {"accuracy": accuracy, "by_depth": by_depth}
+def _twin(trained: nn.Module, name: str, vocab_size: int, grid: GridConfig) -> nn.Module:
+    """Model `name` with `trained`'s weights (its TRAINS_AS partner)."""
+    twin = build_model(name, vocab_size, grid)
+    twin.load_state_dict(trained.state_dict())
+    return twin.eval()
 
 
 def _loss_curve(losses: list[float], points: int = 10) -> list[float]:
     """Mean training loss over `points` equal spans of the run: stuck, still falling, or done."""
     span = max(1, len(losses) // points)
-    return [round(_mean(losses[i:i + span]), 4) for i in range(0, span * points, span) if losses[i:i + span]]
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
+    return [round(mean(losses[i:i + span]), 4) for i in range(0, span * points, span) if losses[i:i + span]]
 
 
 def plan(grid: GridConfig, tasks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list[Run]:
-    """Every run of the grid (or of the named models only), in the order they are started."""
+    """Every run of the grid (or of the named models only), longest first, so that the last
+    runs to finish are short ones and no core idles long at the end. A model whose TRAINS_AS
+    partner is also in the grid is a twin of the partner's run rather than a run of its own."""
     lrs = {"mqar": grid.lrs, "needle": grid.needle_lrs}
     names = [name for name in grid.model_names if models is None or name in models]
-    return [Run(task, name, lr, seed, grid) for task in tasks for name in names
+    partner = {name: _trains_as(name) for name in names}
+    twins = {name: tuple(n for n in names if n != name and partner[n] == name) for name in names}
+    trained = [name for name in names if partner[name] not in names or partner[name] == name]
+    runs = [Run(task, name, lr, seed, grid, twins[name]) for task in tasks for name in trained
             for lr in lrs[task] for seed in grid.seeds]
+    return sorted(runs, key=_expected_cost, reverse=True)  # a stable sort: ties keep the grid's order
+
+
+def _trains_as(name: str) -> str:
+    memory, _, aggregation = name.partition("-")
+    return f"{memory}-{TRAINS_AS[aggregation]}" if aggregation in TRAINS_AS else name
+
+
+def _expected_cost(run: Run) -> float:
+    """Training steps, weighted by the memory's measured cost per step (the delta rule's
+    triangular solves make its steps ~1.6x those of gla or the transformer on this CPU)."""
+    steps = run.grid.mqar_steps if run.task == "mqar" else run.grid.needle_steps
+    return steps * (1.6 if run.model.startswith("delta-") else 1.0)
 
 
 def done_keys(path: Path) -> set[str]:
@@ -212,15 +225,19 @@ def run_grid(grid: GridConfig, out: Path, tasks: tuple[str, ...], jobs: int, log
     results = out / "runs.jsonl"
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(grid), indent=2))
     finished = done_keys(results)
-    todo = [run for run in plan(grid, tasks, models) if run.key not in finished]
-    log(f"{len(todo)} runs to do ({len(finished)} already in {results}), {jobs} at a time")
+    todo = [run for run in plan(grid, tasks, models) if set(run.keys) - finished]
+    log(f"{len(todo)} runs to do ({len(finished)} records already in {results}), {jobs} at a time")
     started = time.perf_counter()
-    for i, record in enumerate(_execute_all(todo, jobs), 1):
-        with open(results, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        accs = " ".join(f"{n}:{a:.2f}" for n, a in record["accuracy"].items())
-        log(f"[{i}/{len(todo)} {time.perf_counter() - started:.0f}s] {record['key']}: {accs} "
-            f"({record['train_seconds']:.0f}s)")
+    for i, records in enumerate(_execute_all(todo, jobs), 1):
+        for record in records:
+            if record["key"] in finished:  # a twin recorded by an earlier, interrupted grid
+                continue
+            with open(results, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            accs = " ".join(f"{n}:{a:.2f}" for n, a in record["accuracy"].items())
+            log(f"[{i}/{len(todo)} {time.perf_counter() - started:.0f}s] {record['key']}: {accs} "
+                f"({record['train_seconds']:.0f}s)")
+    log(f"grid done in {(time.perf_counter() - started) / 60:.1f} min")
     return results
 
 
@@ -228,13 +245,16 @@ def _execute_all(runs: list[Run], jobs: int):
     """Records as runs finish: in worker processes, or here one by one with --jobs 1."""
     if jobs == 1:
         threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker: timings comparable to a grid's
         try:
             yield from map(execute, runs)
         finally:
             torch.set_num_threads(threads)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    # One thread per worker: the grid runs one model per core.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
         for future in as_completed([pool.submit(execute, run) for run in runs]):
             yield future.result()
 

@@ -60,8 +60,14 @@ def table(best: dict[str, dict]) -> str:
         accs = " | ".join(_acc(s, n) for n in lengths)
         rows.append(f"| {model} | {s['parameters']:,} | {_kib(s['fixed_state_bytes'])} | "
                     f"{s['bytes_per_token']:,.0f} | {s['lr']:g} | {accs} | {_end_loss(s)} | "
-                    f"{s['train_seconds']:.0f} |")
+                    f"{_train_time(s)} |")
     return "\n".join([head, rule, *rows]) + "\n"
+
+
+def _train_time(summary: dict) -> str:
+    """Seconds per run, or whose training a twin shares (recall.TRAINS_AS: no time of its own)."""
+    twin_of = summary.get("trained_as")
+    return f"{twin_of}'s" if twin_of else f"{summary['train_seconds']:.0f}"
 
 
 def _acc(summary: dict, n: str) -> str:

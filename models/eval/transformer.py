@@ -91,10 +91,17 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V] (tied embeddings, like the MC models' default)."""
+        return self.logits(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,T] -> the final normed hidden states [B,T,d]."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.T
+        return self.norm(x)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.embed.weight.T
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
