@@ -114,6 +114,8 @@ def test_soup_is_scored_on_grms_training_unless_grm_is_not_in_the_grid():
     assert not any(r.model.endswith("-soup") for r in runs)
     alone = recall.plan(grid, ("mqar",), models=("gla-soup", "gla-none"))
     assert sorted((r.model, r.twins) for r in alone) == [("gla-none", ()), ("gla-soup", ())]
+    named = recall.plan(grid, ("mqar",), models=("gla-grm",))  # its twin comes free
+    assert [(r.model, r.twins) for r in named] == [("gla-grm", ("gla-soup",))]
 
 
 def test_runs_start_longest_first():

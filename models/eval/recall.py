@@ -190,11 +190,12 @@ def _loss_curve(losses: list[float], points: int = 10) -> list[float]:
 def plan(grid: GridConfig, tasks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list[Run]:
     """Every run of the grid (or of the named models only), longest first, so that the last
     runs to finish are short ones and no core idles long at the end. A model whose TRAINS_AS
-    partner is also in the grid is a twin of the partner's run rather than a run of its own."""
+    partner is also run is a twin of the partner's run rather than a run of its own; a twin of
+    the grid costs no training, so a run scores it even when `models` does not name it."""
     lrs = {"mqar": grid.lrs, "needle": grid.needle_lrs}
     names = [name for name in grid.model_names if models is None or name in models]
-    partner = {name: _trains_as(name) for name in names}
-    twins = {name: tuple(n for n in names if n != name and partner[n] == name) for name in names}
+    partner = {name: _trains_as(name) for name in grid.model_names}
+    twins = {name: tuple(n for n in grid.model_names if n != name and partner[n] == name) for name in names}
     trained = [name for name in names if partner[name] not in names or partner[name] == name]
     runs = [Run(task, name, lr, seed, grid, twins[name]) for task in tasks for name in trained
             for lr in lrs[task] for seed in grid.seeds]
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for a smoke test")
     parser.add_argument("--models", help="comma list of the grid's models to run (default all), "
-                        "e.g. gla-none,gla-grm,transformer")
+                        "e.g. gla-none,gla-grm,transformer (a grm run also scores its soup twin)")
     parser.add_argument("--mqar-steps", type=int)
     parser.add_argument("--needle-steps", type=int)
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
