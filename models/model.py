@@ -58,7 +58,18 @@ class MCModel(nn.Module):
     # --- public paths ----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V], from an empty state (training, scoring)."""
-        return self.prefill(tokens, self.new_state(self._batch(tokens)))
+        return self.logits(self.features(tokens))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,T] -> the final normed hidden states [B,T,d], from an empty state. Training
+        on a task that scores few positions projects only those (`logits`)."""
+        state = self.new_state(self._batch(tokens))
+        return self._hidden(tokens, lambda i, mixer, x: mixer.chunked(x, state.layers[i], 0))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d] -> logits [..., V] (the LM head)."""
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (features @ head.t()).float()
 
     def naive_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V] by the reference token loop."""
@@ -159,23 +170,14 @@ class MCModel(nn.Module):
         to logits.
         The three paths differ only in `mix`; the engine passes its own (pooled states). Token ids
         are not checked here (the per-step path): callers check them once."""
-        return self.logits(self.features(tokens, mix))
+        return self.logits(self._hidden(tokens, mix))
 
-    def features(self, tokens: torch.Tensor, mix=None) -> torch.Tensor:
-        """tokens [B,T] -> the final normed hidden states [B,T,d] (from an empty state by default).
-        Training on a task that scores few positions projects only those (`logits`)."""
-        if mix is None:
-            state = self.new_state(self._batch(tokens))
-            mix = lambda i, mixer, x: mixer.chunked(x, state.layers[i], 0)  # noqa: E731
+    def _hidden(self, tokens: torch.Tensor, mix) -> torch.Tensor:
+        """`run_layers` up to the LM head: the final normed hidden states [B,T,d]."""
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, lambda mixer, h: mix(i, mixer, h))
         return self.norm(x)
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Hidden states [..., d] -> logits [..., V] (the LM head)."""
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return (features @ head.t()).float()
 
     def _batch(self, tokens: torch.Tensor) -> int:
         """Check a [batch, time] tensor of token ids; its batch size."""
