@@ -78,12 +78,12 @@ class ChunkTerms:
         return [ChunkTerms(*(None if f is None else f[n] for f in fields)) for n in range(self.attn.shape[2])]
 
 
-def _decay_matrix(G: torch.Tensor, strict: bool) -> torch.Tensor:
-    """exp(G_t - G_s) for s <= t (s < t if strict), else 0. G [...,L] -> [...,L,L]."""
+def _decay_matrix(G: torch.Tensor) -> torch.Tensor:
+    """exp(G_t - G_s) for s <= t, else 0. G [...,L] -> [...,L,L]."""
     L = G.shape[-1]
-    mask = torch.ones(L, L, dtype=torch.bool, device=G.device).tril(-1 if strict else 0)
+    mask = torch.ones(L, L, dtype=torch.bool, device=G.device).tril()
     diff = G[..., :, None] - G[..., None, :]
-    return torch.exp(diff.masked_fill(~mask, float("-inf")))
+    return torch.exp(diff.masked_fill_(~mask, float("-inf")))  # in place: diff is ours
 
 
 class GatedLinearMemory(Memory):
@@ -107,7 +107,7 @@ class GatedLinearMemory(Memory):
 
     def chunk_terms(self, q, k, v, log_a, beta):
         G = log_a.cumsum(-1)
-        attn = (q @ k.transpose(-1, -2)) * _decay_matrix(G, strict=False)
+        attn = (q @ k.transpose(-1, -2)) * _decay_matrix(G)
         return ChunkTerms(
             q_decayed=q * torch.exp(G)[..., None],
             attn=attn,
@@ -153,15 +153,17 @@ class DeltaMemory(Memory):
     def chunk_terms(self, q, k, v, log_a, beta):
         G = log_a.cumsum(-1)
         gamma = torch.exp(G)
-        kk = k @ k.transpose(-1, -2)
-        A = beta[..., :, None] * kk * _decay_matrix(G, strict=True)
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        decay = _decay_matrix(G)
+        # The solve reads only the strict lower triangle of I + A (unitriangular: the diagonal
+        # is taken as 1, the upper part ignored, in the forward and the gradient alike), so
+        # A's diagonal and the identity need not be formed.
+        A = ((beta[..., None] * k) @ k.transpose(-1, -2)) * decay
         rhs = torch.cat([beta[..., None] * v, (beta * gamma)[..., None] * k], dim=-1)
-        solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
         dv = v.shape[-1]
         return ChunkTerms(
             q_decayed=q * gamma[..., None],
-            attn=(q @ k.transpose(-1, -2)) * _decay_matrix(G, strict=False),
+            attn=(q @ k.transpose(-1, -2)) * decay,
             values=solved[..., :dv],
             k_to_end=k * torch.exp(G[..., -1:] - G)[..., None],
             gamma_end=torch.exp(G[..., -1]),

@@ -82,9 +82,8 @@ class MCMixer(nn.Module):
     def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
         c = self.config
         H, dk, dv = c.n_heads, c.dk, c.dv
-        proj = self.in_proj(x)
-        parts = proj.split(self.splits, dim=-1)
-        qkv, gate = proj[..., :sum(self.splits[:3])], parts[3]  # q, k, v lead: a view, no copy
+        # q, k, v lead the projection: one split (one backward concatenation), no copy.
+        qkv, gate, *u = self.in_proj(x).split([sum(self.splits[:3]), *self.splits[3:]], dim=-1)
         conv_window = None
         if self.conv is not None:
             conv_window = self.conv.window(qkv, conv_tail)
@@ -96,7 +95,7 @@ class MCMixer(nn.Module):
         log_a, beta = self.memory.gates(x)
         return Projected(
             q=normed(q), k=normed(k), v=heads(v, dv),
-            u=heads(parts[4].float(), dk) if c.scores_segments else None,
+            u=heads(u[0].float(), dk) if c.scores_segments else None,
             log_a=log_a, beta=beta, gate=gate, conv_tail=conv_tail, conv_window=conv_window)
 
     def finish(self, y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
