@@ -209,9 +209,9 @@ def _trains_as(name: str) -> str:
 
 def _expected_cost(run: Run) -> float:
     """Training steps, weighted by the memory's measured cost per step (the delta rule's
-    triangular solves make its steps ~1.6x those of gla or the transformer on this CPU)."""
+    triangular solves make its steps ~1.35x those of gla or the transformer on this CPU)."""
     steps = run.grid.mqar_steps if run.task == "mqar" else run.grid.needle_steps
-    return steps * (1.6 if run.model.startswith("delta-") else 1.0)
+    return steps * (1.35 if run.model.startswith("delta-") else 1.0)
 
 
 def done_keys(path: Path) -> set[str]:
