@@ -83,7 +83,8 @@ def test_sweep_table_shows_every_learning_rate_and_gaps():
 @pytest.mark.parametrize("argv,message", [(["--tasks", "mqar,bogus"], "--tasks"), (["--jobs", "0"], "--jobs"),
                                           (["--lrs", "fast"], "--lrs"), (["--needle-lrs", "1e-3,x"], "--needle-lrs"),
                                           (["--lrs", "0"], "positive"), (["--models", "gla-bogus"], "--models"),
-                                          (["--models", ","], "--models")])
+                                          (["--models", ","], "--models"), (["--seeds", "0"], "seed"),
+                                          (["--first-seed", "-1"], "--first-seed")])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recall.main(argv)
@@ -147,6 +148,13 @@ def test_models_option_runs_only_the_named_models(tmp_path):
     recall.main([*TINY_GRID, "--tasks", "mqar", "--models", "gla-grm", "--out", str(tmp_path), "--report", ""])
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [r["key"] for r in runs] == ["mqar/gla-grm/lr=0.003/seed=0"]
+
+
+def test_first_seed_option_runs_the_seeds_from_there(tmp_path):
+    recall.main([*TINY_GRID, "--tasks", "mqar", "--models", "gla-none", "--seeds", "2", "--first-seed", "3",
+                 "--mqar-steps", "2", "--out", str(tmp_path), "--report", ""])
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in runs) == ["mqar/gla-none/lr=0.003/seed=3", "mqar/gla-none/lr=0.003/seed=4"]
 
 
 def test_needle_mixture_weights_must_match_the_lengths():

@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                         "e.g. gla-none,gla-grm,transformer (a grm run also scores its soup twin)")
     parser.add_argument("--mqar-steps", type=int)
     parser.add_argument("--needle-steps", type=int)
-    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 1: seed 0)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default 0); --seeds 2 --first-seed 3 runs seeds 3 and 4")
     parser.add_argument("--lrs", help="comma list of MQAR learning rates to sweep (default 3e-3)")
     parser.add_argument("--needle-lrs", help="comma list of needle learning rates (default 3e-3)")
     parser.add_argument("--report", default="docs/recall.md", help="markdown file whose table is rewritten "
@@ -285,8 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("mqar_steps", "needle_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.seeds is not None or args.first_seed:
+        n_seeds = 1 if args.seeds is None else args.seeds
+        overrides["seeds"] = tuple(range(args.first_seed, args.first_seed + n_seeds))
     for option, name in (("--lrs", "lrs"), ("--needle-lrs", "needle_lrs")):
         value = getattr(args, name)
         if value is not None:
