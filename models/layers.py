@@ -62,8 +62,8 @@ class ShortConv(nn.Module):
         weight = self.weight.to(full.dtype)
         if full.shape[1] == self.width:  # decode: a dot product over the window beats any conv set-up
             out = (full * weight.t()).sum(1, keepdim=True)
-        else:
-            out = CausalDepthwiseConv.apply(full, weight)
+        else:  # summed in fp32, like conv1d's accumulator, whatever the weights' dtype
+            out = CausalDepthwiseConv.apply(full.float(), weight.float()).to(full.dtype)
         return F.silu(out), full[:, full.shape[1] - (self.width - 1):]
 
 

@@ -37,3 +37,14 @@ def test_short_conv_carries_its_tail_across_calls():
         out, tail = conv(x[:, t:t + 1], tail)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 1), whole)
+
+
+def test_short_conv_in_bf16_sums_in_fp32():
+    torch.manual_seed(0)
+    conv = ShortConv(8, 4).to(torch.bfloat16)
+    x = torch.randn(2, 16, 8).to(torch.bfloat16)
+    out, _ = conv(x, conv.new_tail(2))
+    full = torch.cat([conv.new_tail(2), x.float()], 1)
+    expected = F.silu(_conv1d_reference(full, conv.weight.float())).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
