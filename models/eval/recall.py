@@ -1,7 +1,7 @@
 """The recall grid (issue 8): MQAR and needle-in-a-haystack for every MC aggregation on gla and
 delta memory, against a softmax-attention transformer of the same width.
 
-    python -m models.eval.recall                  # the default grid, 77 min on 2 CPU cores
+    python -m models.eval.recall                  # the default grid, 61 min on 2 CPU cores
     python -m models.eval.recall --quick          # a smoke run of a few minutes
 
 Every model gets the same training steps and the same learning-rate sweep; the table reports each
@@ -61,7 +61,7 @@ class GridConfig:
     needle_mixture_weights: tuple[float, ...] = (2, 1, 1, 1, 1)  # warm-up lengths first, then lengths
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     needle_per_cell: int = 8
-    # Shared by every model. The default (77 min on 2 cores) trains each model once at 3e-3;
+    # Shared by every model. The default (61 min on 2 cores) trains each model once at 3e-3;
     # `--lrs 1e-3,3e-3` sweeps MQAR (its phase transition is sensitive to the learning rate).
     lrs: tuple[float, ...] = (3e-3,)
     needle_lrs: tuple[float, ...] = (3e-3,)
