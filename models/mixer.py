@@ -59,10 +59,12 @@ class MCMixer(nn.Module):
         super().__init__()
         c = self.config = config
         H, dk, dv, d = c.n_heads, c.dk, c.dv, c.d_model
-        # One input projection for q, k, v, the output gate and (if scored) the connector u.
-        self.splits = [H * dk, H * dk, H * dv, H * dv] + ([H * dk] if c.scores_segments else [])
-        self.in_proj = nn.Linear(d, sum(self.splits), bias=False)
-        self.conv = ShortConv(H * (2 * dk + dv), c.conv_size) if c.conv_size else None
+        # One input projection: q, k, v lead it, so that they are one split of it (a view, and one
+        # concatenation in the backward); then the output gate and (if scored) the connector u.
+        self.qkv_splits = [H * dk, H * dk, H * dv]
+        self.proj_splits = [sum(self.qkv_splits), H * dv] + ([H * dk] if c.scores_segments else [])
+        self.in_proj = nn.Linear(d, sum(self.proj_splits), bias=False)
+        self.conv = ShortConv(sum(self.qkv_splits), c.conv_size) if c.conv_size else None
         self.memory = build_memory(c)
         self.head_norm = RMSNorm(dv, c.norm_eps)
         self.o_proj = nn.Linear(H * dv, d, bias=False)
@@ -82,13 +84,12 @@ class MCMixer(nn.Module):
     def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
         c = self.config
         H, dk, dv = c.n_heads, c.dk, c.dv
-        # q, k, v lead the projection: one split (one backward concatenation), no copy.
-        qkv, gate, *u = self.in_proj(x).split([sum(self.splits[:3]), *self.splits[3:]], dim=-1)
+        qkv, gate, *u = self.in_proj(x).split(self.proj_splits, dim=-1)
         conv_window = None
         if self.conv is not None:
             conv_window = self.conv.window(qkv, conv_tail)
             qkv, conv_tail = self.conv.convolve(conv_window)
-        q, k, v = qkv.float().split(self.splits[:3], dim=-1)
+        q, k, v = qkv.float().split(self.qkv_splits, dim=-1)
         # Normalised per head before the heads-first transpose: a contiguous last dim is ~2x faster.
         normed = lambda t: F.normalize(t.unflatten(-1, (H, dk)), dim=-1, eps=1e-6).transpose(1, 2)  # noqa: E731
         heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
