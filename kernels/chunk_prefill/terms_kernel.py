@@ -4,7 +4,7 @@ solve, which torch does for all chunks at once (`DeltaMemory.chunk_terms`); what
 sequential and memory-bound, and runs here. One program per (sequence x head, dv block) keeps its
 [dk, BLOCK_V] slice of the state in registers; per chunk `U = U' - W M`, `O = A U + Qd M`,
 `M <- gamma_L M + Kend^T U` (the columns of U depend only on the same columns of M, so dv blocks are
-independent). fp32 throughout.
+independent). fp32 throughout (products at fp32 accuracy: see DOT_PRECISION in triton_kernel.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_kernel import LAUNCH, dot
 
 
 @triton.jit
@@ -38,10 +40,10 @@ def _terms_scan_kernel(qd, attn, values, w, k_end, gamma_end, M0, out, states, r
                     mask=mask_t[:, None] & mask_t[None, :], other=0.0)
         if HAS_W:
             W = tl.load(w + rows[:, None] * DK + offs_k[None, :], mask=row_k, other=0.0)
-            U = U - tl.dot(W, M)
-        o = tl.dot(A, U) + tl.dot(Qd, M)
+            U = U - dot(W, M)
+        o = dot(A, U) + dot(Qd, M)
         tl.store(out + rows[:, None] * DV + offs_v[None, :], o, mask=row_v)
-        M = tl.load(gamma_end + chunk) * M + tl.dot(tl.trans(Ke), U)
+        M = tl.load(gamma_end + chunk) * M + dot(tl.trans(Ke), U)
         tl.store(states + chunk * DK * DV + offs_k[:, None] * DV + offs_v[None, :], M, mask=tile)
         if tl.load(reset_after + n) != 0:
             M = M * 0.0
@@ -62,5 +64,5 @@ def chunk_scan_terms_triton(q_decayed, attn, values, w, k_to_end, gamma_end, M0,
         f32(q_decayed), f32(attn), f32(values), f32(w if w is not None else q_decayed), f32(k_to_end),
         f32(gamma_end), f32(M0), out, states, reset_after.to(torch.int32).contiguous(), N,
         L=L, DK=DK, DV=DV, BLOCK_T=max(16, triton.next_power_of_2(L)), BLOCK_K=max(16, triton.next_power_of_2(DK)),
-        BLOCK_V=block_v, HAS_W=w is not None)
+        BLOCK_V=block_v, **LAUNCH, HAS_W=w is not None)
     return out, states

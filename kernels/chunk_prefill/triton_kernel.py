@@ -3,7 +3,8 @@ fused chunk kernels): one program per (head, dv block) walks the chunks in order
 [dk, BLOCK_V] slice of the state in registers. Per chunk: intra-chunk scores `(Q K^T) * decay`,
 `O = A V + (Q * gamma) M`, then `M = gamma_L M + (K * decay_to_end)^T V`; the state after each
 chunk is written out (the caller keeps the ones at segment ends as checkpoints), and `reset_after`
-restarts the memory at a `reset` boundary. fp32 throughout.
+restarts the memory at a `reset` boundary. fp32 throughout (the products at fp32 accuracy:
+see DOT_PRECISION).
 """
 
 from __future__ import annotations
@@ -11,6 +12,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+# On NVIDIA, tl.dot of fp32 operands defaults to TF32 (a 10-bit mantissa), which the interpreter
+# does not model and which would round every chunk's contribution to the carried state. tf32x3
+# splits each operand into two TF32 parts and keeps fp32-level accuracy on the tensor cores.
+DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
+# One pipeline stage: each stage is another copy of every tile in shared memory. With Triton's
+# default of three the delta kernel needed 256 KiB at dk = dv = chunk = 64 (an H100 gives a block
+# 227 KiB, so it could not launch); two take 144 KiB there (a consumer GPU gives 99 KiB) and 224 KiB
+# at dk = dv = 128; one takes 64 and 96 KiB. (`python -m kernels.compile_check`.) Untuned: no GPU yet.
+LAUNCH = dict(num_warps=4, num_stages=1)
+
+
+@triton.jit
+def dot(a, b):
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -40,11 +56,11 @@ def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after,
         G = tl.cumsum(tl.load(log_a + rows * H + h, mask=mask_t, other=0.0).to(tl.float32), axis=0)
         G_end = tl.sum(tl.where(offs_t == CHUNK - 1, G, 0.0), axis=0)
         decay = tl.where(causal, tl.exp(G[:, None] - G[None, :]), 0.0)
-        attn = tl.dot(qc, tl.trans(kc)) * decay                                      # [BLOCK_T, BLOCK_T]
-        o = tl.dot(attn, vc) + tl.dot(qc * tl.exp(G)[:, None], M)                  # [BLOCK_T, BLOCK_V]
+        attn = dot(qc, tl.trans(kc)) * decay                                 # [BLOCK_T, BLOCK_T]
+        o = dot(attn, vc) + dot(qc * tl.exp(G)[:, None], M)                  # [BLOCK_T, BLOCK_V]
         tl.store(out + (rows[:, None] * H + h) * DV + offs_v[None, :], o, mask=row_v)
         k_end = kc * tl.exp(G_end - G)[:, None]
-        M = tl.exp(G_end) * M + tl.dot(tl.trans(k_end), vc)
+        M = tl.exp(G_end) * M + dot(tl.trans(k_end), vc)
         tl.store(states + n * H * DK * DV + state_ptrs, M, mask=tile)
         if tl.load(reset_after + n) != 0:
             M = M * 0.0
@@ -68,5 +84,6 @@ def chunk_prefill_triton(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tens
     _chunk_prefill_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), log_a.contiguous(), M0.float().contiguous(), out, states,
         final, reset_after.to(torch.int32).contiguous(), T=T, H=H, DK=DK, DV=DV, CHUNK=chunk,
-        BLOCK_T=max(16, triton.next_power_of_2(chunk)), BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v)
+        BLOCK_T=max(16, triton.next_power_of_2(chunk)), BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v,
+        **LAUNCH)
     return out, states, final

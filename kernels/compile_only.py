@@ -1,0 +1,82 @@
+"""Compile Triton launches for an NVIDIA GPU on a machine without one.
+
+Triton compiles for a target named by its driver, then launches. `compile_only(arch)` puts in a
+driver that names e.g. sm_90 (H100) and turns every `kernel[grid](...)` launch into a compile
+(Triton's warm-up path): the kernels' own wrappers run on CPU tensors and each launch yields the
+cubin it would have run, built by the ptxas bundled with Triton. So the GPU-only stages (TTGIR
+layouts, LLVM, PTX, ptxas) run here, where the interpreter runs none of them.
+
+Needs a process where TRITON_INTERPRET is unset (the interpreter replaces `triton.jit` at import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import driver
+from triton.runtime.jit import KernelInterface
+
+
+class CompileOnlyDriver(DriverBase):
+    """Names a CUDA target and a device 0 / stream 0; can load and launch nothing."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    @classmethod
+    def is_active(cls):
+        return False  # never picked by Triton's own driver discovery
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("compile-only driver: no launcher")
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("compile-only driver: nothing runs")
+
+
+@dataclass
+class Launch:
+    """One intercepted launch: the kernel's name, its grid and what ptxas made of it."""
+    name: str
+    grid: tuple
+    kernel: object  # triton.compiler.CompiledKernel (never loaded)
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90):
+    """Within the block, launches compile for sm_<arch> and are recorded instead of run."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_only needs TRITON_INTERPRET unset: the interpreter replaced triton.jit")
+    launches: list[Launch] = []
+    original = KernelInterface.__getitem__
+
+    def compile_instead(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            launches.append(Launch(kernel.name, tuple(grid), kernel))
+        return launch
+
+    driver.set_active(CompileOnlyDriver(arch))
+    KernelInterface.__getitem__ = compile_instead
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+        driver._active = None  # back to discovery; `reset_active` would build a CUDA driver now

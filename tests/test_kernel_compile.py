@@ -1,0 +1,69 @@
+"""Every Triton kernel compiles for real NVIDIA targets (ptxas included), without a GPU, and fits.
+
+The interpreter runs none of Triton's GPU stages, so a kernel can pass every interpreter test and
+still fail on a GPU: too much shared memory, register spills, a layout the compiler rejects. These
+tests compile each kernel as the engine launches it, in a subprocess without TRITON_INTERPRET.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels.compile_check import SM_LIMITS, SMLimits, occupancy, widest_global_load
+
+KERNELS = ["decode_step gla", "decode_step delta", "cached_readout residual fp32", "cached_readout grm bf16",
+           "cached_readout ssc fp32", "cached_readout ssc bf16", "segment_end fp32", "segment_end bf16",
+           "chunk_prefill gla", "chunk_scan_terms delta", "chunk_scan_terms gla"]
+
+
+def compile_check(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "kernels.compile_check", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("argv", [
+    ("--arch", "90", "--fail-on-spill"),                                              # the e2e benchmark's shape
+    ("--arch", "80", "--heads", "3", "--dk", "24", "--dv", "40", "--chunk", "16"),   # odd sizes, Ampere
+])
+def test_every_kernel_compiles_for_the_gpu_and_fits(argv):
+    done = compile_check(*argv)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "warps" not in line]
+    for name in KERNELS:
+        assert any(row.startswith(f"| {name}") for row in rows), f"{name} missing:\n{done.stdout}"
+    for row in rows:
+        assert "| 0 |" in row and "-bit" in row, row  # no spills; a global load was found in the SASS
+
+
+def test_a_kernel_over_the_shared_memory_limit_is_refused():
+    """Triton's default of three pipeline stages made the delta scan need 256 KiB (H100: 227)."""
+    code = ("import sys; from kernels.chunk_prefill import triton_kernel as tk; "
+            "tk.LAUNCH.update(num_stages=3); from kernels.compile_check import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = compile_check("--arch", "90", "--dk", "128", "--dv", "128", code=code)
+    assert done.returncode == 1
+    assert "cannot launch on sm_90, too much shared memory: chunk_prefill gla" in done.stderr
+
+
+def test_interpreter_mode_is_a_clear_error():
+    done = subprocess.run([sys.executable, "-m", "kernels.compile_check"], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
+
+
+def test_widest_load_reads_the_sass():
+    sass = "LDG.E R4, desc[UR4][R2.64] ;\nLDG.E.128.CONSTANT R8, desc[UR4][R6.64] ;\nLDG.E.U16 R1, [R2] ;"
+    assert widest_global_load(sass) == 128
+    assert widest_global_load("LDG.E.64 R4, [R2.64] ;\nLDG.E R5, [R3] ;") == 64
+    assert widest_global_load("STG.E [R2], R4 ;") == 0
+
+
+def test_occupancy_takes_the_tightest_limit(monkeypatch):
+    monkeypatch.setitem(SM_LIMITS, 999, SMLimits(max_warps=64, registers=65536, shared=233472,
+                                                  shared_per_block=232448))
+    assert occupancy(999, warps=4, regs=32, shared=0) == 1.0            # 16 blocks x 4 warps
+    assert occupancy(999, warps=4, regs=95, shared=1024) == 20 / 64     # 96 regs: 5 blocks
+    assert occupancy(999, warps=4, regs=32, shared=100_000) == 8 / 64   # 2 blocks by shared memory
