@@ -1,6 +1,7 @@
 """Kernel benchmark (a script, not a test): correctness against the torch reference first, then
 time, achieved bytes/s and the ratio to the GPU's peak memory bandwidth, and the speed-up over
-the reference.
+the torch reference and over flash-linear-attention's fused_recurrent kernels (decode step, when
+`fla-core` is installed).
 
     python -m kernels.bench                     # on a GPU
     python -m kernels.bench --quick             # CPU smoke run (Triton interpreter: checks only)
@@ -10,6 +11,7 @@ the reference.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import time
 
@@ -18,43 +20,55 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import fla_baseline  # noqa: E402
 from kernels.cached_readout import cached_readout_ref  # noqa: E402
 from kernels.cached_readout.triton_kernel import cached_readout_triton  # noqa: E402
 from kernels.decode_step import decode_step_ref  # noqa: E402
 from kernels.decode_step.triton_kernel import decode_step_triton  # noqa: E402
+from kernels.fla_baseline import fla_decode_step  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds per call (CUDA events on a GPU)."""
+    """Median seconds per call. On a GPU, `triton.testing.do_bench`: CUDA events, and the L2 cache
+    flushed before every call, so states and checkpoints come from HBM as they would while serving
+    (an H100's 50 MB of L2 would otherwise hold a batch-16 state pool). On the CPU: wall clock."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def bench_decode_step(batch, H, dk, dv, device, repeats, peak):
+def bench_decode_step(memory, batch, H, dk, dv, device, repeats, peak, fla):
     g = torch.Generator(device="cpu").manual_seed(0)
     state = torch.randn(batch, H, dk, dv, generator=g).to(device)
     q, k = (torch.nn.functional.normalize(torch.randn(batch, H, dk, generator=g), dim=-1).to(device) for _ in range(2))
     v = torch.randn(batch, H, dv, generator=g).to(device)
     log_a = (-torch.rand(batch, H, generator=g) * 0.1).to(device)
+    beta = torch.rand(batch, H, generator=g).to(device) if memory == "delta" else None
     slots = torch.arange(batch, device=device)
     ref_state, got_state = state.clone(), state.clone()
-    ref = decode_step_ref(ref_state, slots, q, k, v, log_a, None)
-    got = decode_step_triton(got_state, slots, q, k, v, log_a, None)
+    ref = decode_step_ref(ref_state, slots, q, k, v, log_a, beta)
+    got = decode_step_triton(got_state, slots, q, k, v, log_a, beta)
     if not (torch.allclose(ref, got, atol=1e-4) and torch.allclose(ref_state, got_state, atol=1e-4)):
-        raise SystemExit("decode_step: kernel and reference disagree; not timing")
-    t_kernel = timed(lambda: decode_step_triton(got_state, slots, q, k, v, log_a, None), repeats)
-    t_ref = timed(lambda: decode_step_ref(ref_state, slots, q, k, v, log_a, None), repeats)
+        raise SystemExit(f"decode_step {memory}: kernel and reference disagree; not timing")
+    if fla is not None:
+        fla_out, fla_state = fla_decode_step(fla, state, q, k, v, log_a, beta)
+        if not (torch.allclose(ref, fla_out, atol=1e-4) and torch.allclose(ref_state, fla_state, atol=1e-4)):
+            raise SystemExit(f"decode_step {memory}: fla's fused_recurrent disagrees with the reference; not timing")
+    # Timing goes on updating the states in place; the checks above are done.
+    t_kernel = timed(lambda: decode_step_triton(got_state, slots, q, k, v, log_a, beta), repeats)
+    t_ref = timed(lambda: decode_step_ref(ref_state, slots, q, k, v, log_a, beta), repeats)
+    t_fla = timed(lambda: fla_decode_step(fla, state, q, k, v, log_a, beta), repeats) if fla else None
     moved = 2 * state.numel() * 4  # read and write every state once
-    return report("decode_step gla", f"B={batch}", moved, t_kernel, t_ref, peak)
+    return report(f"decode_step {memory}", f"B={batch}", moved, t_kernel, t_ref, peak, t_fla)
 
 
 def bench_cached_readout(batch, n_ckpt, H, dk, dv, mode, storage, device, repeats, peak):
@@ -79,10 +93,11 @@ def bench_cached_readout(batch, n_ckpt, H, dk, dv, mode, storage, device, repeat
     return report(f"cached_readout {mode} {str(storage)[6:]}", f"B={batch} n={n_ckpt}", moved, t_kernel, t_ref, peak)
 
 
-def report(name, shape, moved, t_kernel, t_ref, peak) -> str:
+def report(name, shape, moved, t_kernel, t_ref, peak, t_fla=None) -> str:
     gbs = moved / t_kernel / 1e9
+    vs_fla = f"{t_fla / t_kernel:.2f}x" if t_fla is not None else "-"
     line = (f"| {name} | {shape} | {t_kernel * 1e6:,.1f} us | {gbs:,.0f} GB/s | {100 * gbs / peak:.0f}% | "
-            f"{t_ref / t_kernel:.1f}x |")
+            f"{t_ref / t_kernel:.1f}x | {vs_fla} |")
     print(line, flush=True)
     return line
 
@@ -91,6 +106,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="the GPU's peak memory bandwidth, GB/s")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU interpreter smoke run)")
+    parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention's kernels")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick or device == "cpu":
@@ -98,10 +114,15 @@ def main(argv=None) -> None:
     else:
         batches, ckpts, H, dk, dv, repeats = [1, 16, 64, 256], [8, 32], 16, 64, 64, 20
     print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, Triton interpreter (checks only)'}")
-    print("| kernel | shape | time | bytes/s | of peak | vs torch |")
-    print("|---|---|---:|---:|---:|---:|")
-    for b in batches:
-        bench_decode_step(b, H, dk, dv, device, repeats, args.peak_gbs)
+    fla = None if args.no_fla else fla_baseline.load()
+    baseline = (f"fla-core {importlib.metadata.version('fla-core')}" if fla else
+                "fla skipped" if args.no_fla else "fla-core not installed")
+    print(f"# {baseline}; vs fla = fla's fused_recurrent time / ours (above 1: ours is faster)")
+    print("| kernel | shape | time | bytes/s | of peak | vs torch | vs fla |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for memory in ("gla", "delta"):
+        for b in batches:
+            bench_decode_step(memory, b, H, dk, dv, device, repeats, args.peak_gbs, fla)
     for b in batches:
         for n in ckpts:
             for mode in ("grm", "ssc"):

@@ -52,3 +52,17 @@ def test_reference_matches_the_model_memories():
         got_state = state.clone()
         got = decode_step_ref(got_state, torch.tensor([0, 1]), q, k, v, log_a, beta)
         assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(got_state, expected_M, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", ["linear", "gla", "delta"])
+def test_decode_step_kernel_matches_flash_linear_attention(memory):
+    """fla's fused_recurrent (simple_gla / gated delta rule) computes the same step: an oracle
+    written by others, and the baseline `kernels.bench` times ours against."""
+    pytest.importorskip("fla", reason="fla-core is not installed")
+    from kernels.fla_baseline import fla_decode_step, load
+    fla = load()
+    B, H, dk, dv = 3, 2, 12, 70
+    state, q, k, v, log_a, beta = inputs(B, H, dk, dv, B, memory, seed=3)
+    want, want_state = fla_decode_step(fla, state, q, k, v, log_a, beta)
+    got = decode_step_triton(state, torch.arange(B, device=DEVICE), q, k, v, log_a, beta)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(state, want_state, atol=1e-5)
