@@ -21,7 +21,9 @@ def _first_autotune_config(configs, key, **kwargs):
 
     def decorate(fn):
         fixed = configs[0].kwargs
-        return triton.heuristics({name: (lambda args, v=value: v) for name, value in fixed.items()})(fn) if fixed else fn
+        if not fixed:
+            return fn
+        return triton.heuristics({name: (lambda args, v=value: v) for name, value in fixed.items()})(fn)
     return decorate
 
 

@@ -5,6 +5,7 @@ still fail on a GPU: too much shared memory, register spills, a layout the compi
 tests compile each kernel as the engine launches it, in a subprocess without TRITON_INTERPRET.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -67,3 +68,29 @@ def test_occupancy_takes_the_tightest_limit(monkeypatch):
     assert occupancy(999, warps=4, regs=32, shared=0) == 1.0            # 16 blocks x 4 warps
     assert occupancy(999, warps=4, regs=95, shared=1024) == 20 / 64     # 96 regs: 5 blocks
     assert occupancy(999, warps=4, regs=32, shared=100_000) == 8 / 64   # 2 blocks by shared memory
+
+
+COUNT_COMPILES = """
+import torch
+from kernels.compile_only import compile_only
+from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+H, dk, dv, L, BH = 2, 16, 16, 16, 2
+with compile_only(90) as launches:
+    for N in (1, 2, 3, 5, 16, 17):
+        T = N * L
+        chunk_prefill_triton(torch.randn(T, H, dk), torch.randn(T, H, dk), torch.randn(T, H, dv), torch.zeros(T, H),
+                             torch.zeros(H, dk, dv), L)
+        chunk_scan_terms_triton(torch.randn(BH, N, L, dk), torch.randn(BH, N, L, L), torch.randn(BH, N, L, dv), None,
+                                torch.randn(BH, N, L, dk), torch.rand(BH, N), torch.zeros(BH, dk, dv))
+print(sorted({(launch.name, id(launch.kernel)) for launch in launches}))
+"""
+
+
+def test_one_compiled_prefill_kernel_serves_every_prompt_length():
+    """On a GPU each compile costs about a second: a prefill kernel specialised on the prompt's
+    length (it once took T as a constexpr) would compile again for every new length."""
+    done = compile_check(code=COUNT_COMPILES)
+    assert done.returncode == 0, done.stderr
+    names = [name for name, _ in ast.literal_eval(done.stdout)]
+    assert sorted(names) == ["_chunk_prefill_kernel", "_terms_scan_kernel"], names

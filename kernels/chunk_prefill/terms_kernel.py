@@ -16,7 +16,7 @@ import triton.language as tl
 from .triton_kernel import LAUNCH, dot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every number of chunks
 def _terms_scan_kernel(qd, attn, values, w, k_end, gamma_end, M0, out, states, reset_after, N,
                        L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_W: tl.constexpr):

@@ -29,9 +29,11 @@ def dot(a, b):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-@triton.jit
-def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after,
-                          T: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+# The number of chunks is a plain runtime argument, never specialised on (not even on == 1 or on
+# divisibility by 16): one compiled kernel serves every prompt length.
+@triton.jit(do_not_specialize=["n_chunks"])
+def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after, n_chunks,
+                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                           CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_V: tl.constexpr):
     h = tl.program_id(0)
@@ -46,7 +48,7 @@ def _chunk_prefill_kernel(q, k, v, log_a, M0, out, states, final, reset_after,
     state_ptrs = (h * DK + offs_k[:, None]) * DV + offs_v[None, :]
     M = tl.load(M0 + state_ptrs, mask=tile, other=0.0)
     causal = offs_t[:, None] >= offs_t[None, :]
-    for n in range(T // CHUNK):
+    for n in range(n_chunks):
         rows = n * CHUNK + offs_t
         row_k = mask_t[:, None] & mask_k[None, :]
         row_v = mask_t[:, None] & mask_v[None, :]
@@ -83,7 +85,7 @@ def chunk_prefill_triton(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tens
     grid = (H, triton.cdiv(DV, block_v))
     _chunk_prefill_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), log_a.contiguous(), M0.float().contiguous(), out, states,
-        final, reset_after.to(torch.int32).contiguous(), T=T, H=H, DK=DK, DV=DV, CHUNK=chunk,
+        final, reset_after.to(torch.int32).contiguous(), N, H=H, DK=DK, DV=DV, CHUNK=chunk,
         BLOCK_T=max(16, triton.next_power_of_2(chunk)), BLOCK_K=max(16, triton.next_power_of_2(DK)), BLOCK_V=block_v,
         **LAUNCH)
     return out, states, final
