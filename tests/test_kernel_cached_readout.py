@@ -88,15 +88,3 @@ def test_split_heuristic_fills_the_gpu_only_when_needed():
     assert num_splits(1, 16, 1, 32) == 8            # 16 programs: split, 4 checkpoints each
     assert num_splits(1, 16, 1, 3) == 1             # too few checkpoints to share
     assert num_splits(4, 16, 1, 1000) == 8          # 64 programs x 8 = TARGET_PROGRAMS
-
-
-@pytest.mark.parametrize("mode", ["grm", "ssc"])
-def test_a_table_padded_to_its_width_bucket_reads_out_bit_for_bit_the_same(mode):
-    """A CUDA graph replays on the table padded to a power-of-two width; the eager path passes it
-    unpadded. Both get the same split plan, so they add the checkpoints in one order."""
-    pool, summaries, tables, lengths, q, u, r_on = case(8, 12, [9, 4], torch.float32, seed=5, N=20)
-    padded = torch.zeros(tables.shape[0], 16, dtype=tables.dtype, device=DEVICE)
-    padded[:, :9] = tables
-    eager = cached_readout_triton(pool, summaries, tables, lengths, q, u, r_on, mode=mode, top_k=2, scale=0.5)
-    graph = cached_readout_triton(pool, summaries, padded, lengths, q, u, r_on, mode=mode, top_k=2, scale=0.5)
-    assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])

@@ -138,11 +138,8 @@ def cached_readout_triton(pool, summaries, tables, lengths, q, u, r_online, mode
     max_n = tables.shape[1]
     block_v = min(64, triton.next_power_of_2(DV))
     v_blocks = triton.cdiv(DV, block_v)
-    # The split plan depends only on the table's power-of-two width bucket, so a table and the
-    # same table padded to its bucket (a CUDA graph's input) add their checkpoints in one order.
-    width = triton.next_power_of_2(max(max_n, 1))
-    splits = splits or num_splits(B, H, v_blocks, width)
-    per_split = max(1, triton.cdiv(width, splits))
+    splits = splits or num_splits(B, H, v_blocks, max_n)
+    per_split = max(1, triton.cdiv(max_n, splits))
     partial = torch.empty(splits, B, H, DV, dtype=torch.float32, device=q.device)
     g_online = torch.empty(B, H, dtype=torch.float32, device=q.device)
     _cached_readout_kernel[(B, H * v_blocks, splits)](
