@@ -23,20 +23,22 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kernels import interpreted
+
 
 
 @dataclass(frozen=True)
 class SMLimits:
     """One SM's limits, as the CUDA occupancy calculator has them."""
     max_warps: int
+    max_blocks: int
     registers: int
     shared: int            # bytes per SM
     shared_per_block: int  # the most one block may opt in to; a kernel needing more cannot launch
 
 
-SM_LIMITS = {80: SMLimits(64, 65536, 167936, 166912), 86: SMLimits(48, 65536, 102400, 101376),
-             89: SMLimits(48, 65536, 102400, 101376), 90: SMLimits(64, 65536, 233472, 232448)}
-MAX_BLOCKS_PER_SM = 32
+SM_LIMITS = {80: SMLimits(64, 32, 65536, 167936, 166912), 86: SMLimits(48, 16, 65536, 102400, 101376),
+             89: SMLimits(48, 24, 65536, 102400, 101376), 90: SMLimits(64, 32, 65536, 233472, 232448)}
 REG_UNIT = 256            # registers are given to a warp in units of 256
 SHARED_RESERVED = 1024    # the driver keeps 1 KiB of shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -49,14 +51,15 @@ class Built:
     name: str
     warps: int
     regs: int
-    spill_bytes: int      # LOCAL: registers spilled to local memory (DRAM-backed)
+    stack_bytes: int      # per-thread stack frame: where ptxas spills registers (local memory)
     shared: int
     widest_load: int      # bits of the widest global load in the SASS (128 = LDG.E.128)
     occupancy: float      # resident warps / the SM's maximum, from regs, shared memory and warps
 
 
 def resource_usage(cubin: bytes) -> tuple[dict[str, int], str]:
-    """cuobjdump's REG/STACK/SHARED/LOCAL counts and the SASS of one cubin."""
+    """cuobjdump's REG/STACK/SHARED/LOCAL counts and the SASS of one cubin. Spilled registers
+    show in STACK (the stack frame), not in LOCAL."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -76,7 +79,7 @@ def widest_global_load(sass: str) -> int:
 def occupancy(arch: int, warps: int, regs: int, shared: int) -> float:
     sm = SM_LIMITS[arch]
     regs_per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
-    blocks = min(MAX_BLOCKS_PER_SM, sm.max_warps // warps, sm.registers // max(1, regs_per_warp * warps),
+    blocks = min(sm.max_blocks, sm.max_warps // warps, sm.registers // max(1, regs_per_warp * warps),
                  sm.shared // (shared + SHARED_RESERVED))
     return blocks * warps / sm.max_warps
 
@@ -131,7 +134,7 @@ def build_all(arch: int, H: int, dk: int, dv: int, chunk: int) -> list[Built]:
             for launch in launches:
                 counts, sass = resource_usage(launch.kernel.asm["cubin"])
                 warps, shared = launch.kernel.metadata.num_warps, launch.kernel.metadata.shared
-                built.append(Built(label, launch.name, warps, counts["REG"], counts["LOCAL"], shared,
+                built.append(Built(label, launch.name, warps, counts["REG"], counts["STACK"], shared,
                                    widest_global_load(sass), occupancy(arch, warps, counts["REG"], shared)))
     return built
 
@@ -147,18 +150,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.heads, args.dk, args.dv, args.chunk) < 1:
         parser.error("--heads, --dk, --dv and --chunk must be positive")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreted():
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     print(f"# sm_{args.arch}, triton {triton.__version__}; heads {args.heads}, dk {args.dk}, dv {args.dv}, "
           f"chunk {args.chunk}")
-    print("| kernel | warps | registers | spilled bytes | shared bytes | widest load | occupancy |")
+    print("| kernel | warps | registers | stack (spill) bytes | shared bytes | widest load | occupancy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     built = build_all(args.arch, args.heads, args.dk, args.dv, args.chunk)
     for b in built:
-        print(f"| {b.label} | {b.warps} | {b.regs} | {b.spill_bytes} | {b.shared:,} | {b.widest_load}-bit | "
+        print(f"| {b.label} | {b.warps} | {b.regs} | {b.stack_bytes} | {b.shared:,} | {b.widest_load}-bit | "
               f"{100 * b.occupancy:.0f}% |")
     too_big = [b.label for b in built if b.shared > SM_LIMITS[args.arch].shared_per_block]
-    spilled = [b.label for b in built if b.spill_bytes]
+    spilled = [b.label for b in built if b.stack_bytes]
     if too_big:
         print(f"cannot launch on sm_{args.arch}, too much shared memory: {', '.join(too_big)}", file=sys.stderr)
     if spilled:

@@ -12,7 +12,6 @@ Needs a process where TRITON_INTERPRET is unset (the interpreter replaces `trito
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +20,17 @@ from triton.backends.driver import DriverBase
 from triton.runtime import driver
 from triton.runtime.jit import KernelInterface
 
+from kernels import interpreted
+
 
 class CompileOnlyDriver(DriverBase):
-    """Names a CUDA target and a device 0 / stream 0; can load and launch nothing."""
+    """Names a CUDA target; can load and launch nothing. Its device is a name of its own, because
+    Triton files each kernel's compiled versions (and the target they were built for) under the
+    device: as device 0 they would be served to a later run for another arch, or to a real GPU."""
 
     def __init__(self, arch: int):
         self.target = GPUTarget("cuda", arch, 32)
+        self.device = f"compile-only-sm_{arch}"
 
     @classmethod
     def is_active(cls):
@@ -39,7 +43,7 @@ class CompileOnlyDriver(DriverBase):
         return self.target
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
         return 0
@@ -55,14 +59,14 @@ class CompileOnlyDriver(DriverBase):
 class Launch:
     """One intercepted launch: the kernel's name, its grid and what ptxas made of it."""
     name: str
-    grid: tuple
+    grid: object  # as launched: a tuple, or a callable of the bound arguments
     kernel: object  # triton.compiler.CompiledKernel (never loaded)
 
 
 @contextlib.contextmanager
 def compile_only(arch: int = 90):
     """Within the block, launches compile for sm_<arch> and are recorded instead of run."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreted():
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset: the interpreter replaced triton.jit")
     launches: list[Launch] = []
     original = KernelInterface.__getitem__
@@ -70,13 +74,14 @@ def compile_only(arch: int = 90):
     def compile_instead(self, grid):
         def launch(*args, **kwargs):
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
-            launches.append(Launch(kernel.name, tuple(grid), kernel))
+            launches.append(Launch(kernel.name, grid, kernel))
         return launch
 
+    previous = driver._active  # None until a driver is first asked for; `driver.active` would build one
     driver.set_active(CompileOnlyDriver(arch))
     KernelInterface.__getitem__ = compile_instead
     try:
         yield launches
     finally:
         KernelInterface.__getitem__ = original
-        driver._active = None  # back to discovery; `reset_active` would build a CUDA driver now
+        driver._active = previous

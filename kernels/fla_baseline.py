@@ -5,14 +5,17 @@ b k v^T) is fla's gated delta rule. fla's `fused_recurrent` kernels read a batch
 and write the final ones to a new tensor; ours update slots of the pool in place. With slots
 0..B-1 both read and write each state once, so their times compare directly.
 
-Optional: `load()` returns None when the `fla-core` package is not installed.
+Optional: `load()` returns None when the `fla-core` package is not installed (and raises when it
+is installed but cannot be imported, e.g. without its `einops`).
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 
 import torch
+
+from kernels import interpreted
 
 
 def _first_autotune_config(configs, key, **kwargs):
@@ -30,15 +33,14 @@ def _first_autotune_config(configs, key, **kwargs):
 def load():
     """fla's (simple_gla, gated_delta_rule) fused_recurrent functions, or None without fla."""
     import triton
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if importlib.util.find_spec("fla") is None:
+        return None
     autotune = triton.autotune
-    if interpreted:
+    if interpreted():
         triton.autotune = _first_autotune_config  # only while fla's modules are imported
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
         from fla.ops.simple_gla import fused_recurrent_simple_gla
-    except ImportError:
-        return None
     finally:
         triton.autotune = autotune
     return fused_recurrent_simple_gla, fused_recurrent_gated_delta_rule

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernel import LAUNCH, dot
+from .triton_kernel import LAUNCH, MAX_BLOCK_V, dot
 
 
 @triton.jit(do_not_specialize=["N"])  # one compiled kernel for every number of chunks
@@ -59,7 +59,7 @@ def chunk_scan_terms_triton(q_decayed, attn, values, w, k_to_end, gamma_end, M0,
         reset_after = torch.zeros(N, dtype=torch.int32, device=values.device)
     f32 = lambda t: t.float().contiguous()  # noqa: E731
     # tl.dot wants every dimension >= 16 on NVIDIA: pad the tiles (masked) up to it.
-    block_v = max(16, min(64, triton.next_power_of_2(DV)))
+    block_v = max(16, min(MAX_BLOCK_V, triton.next_power_of_2(DV)))
     _terms_scan_kernel[(BH, triton.cdiv(DV, block_v))](
         f32(q_decayed), f32(attn), f32(values), f32(w if w is not None else q_decayed), f32(k_to_end),
         f32(gamma_end), f32(M0), out, states, reset_after.to(torch.int32).contiguous(), N,

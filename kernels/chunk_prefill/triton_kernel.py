@@ -17,11 +17,15 @@ import triton.language as tl
 # does not model and which would round every chunk's contribution to the carried state. tf32x3
 # splits each operand into two TF32 parts and keeps fp32-level accuracy on the tensor cores.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
-# One pipeline stage: each stage is another copy of every tile in shared memory. With Triton's
-# default of three the delta kernel needed 256 KiB at dk = dv = chunk = 64 (an H100 gives a block
-# 227 KiB, so it could not launch); two take 144 KiB there (a consumer GPU gives 99 KiB) and 224 KiB
-# at dk = dv = 128; one takes 64 and 96 KiB. (`python -m kernels.compile_check`.) Untuned: no GPU yet.
+# Figures from `python -m kernels.compile_check` (sm_90, dk = dv = chunk = 64). Not tuned on a GPU.
+# - One pipeline stage: each stage is another copy of every tile in shared memory. With Triton's
+#   default of three (and TF32 products, 64-wide dv tiles) the delta scan needed 256 KiB, more
+#   than the 227 KiB an H100 gives a block: it could not launch. Now 16-32 KiB a kernel.
+# - dv tiles of 16: the tf32x3 operands spill registers; 16-wide state tiles spill the least
+#   (stack 296 / 80 / 0 bytes for the three kernels, against 408 / 488 / 224 at 64) and give a
+#   prefill of one sequence 4x more programs to fill the GPU with.
 LAUNCH = dict(num_warps=4, num_stages=1)
+MAX_BLOCK_V = 16
 
 
 @triton.jit
@@ -81,7 +85,7 @@ def chunk_prefill_triton(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tens
     if reset_after is None:
         reset_after = torch.zeros(N, dtype=torch.int32, device=q.device)
     # tl.dot wants every dimension >= 16 on NVIDIA: pad the chunk, dk and dv tiles (masked) up to it.
-    block_v = max(16, min(64, triton.next_power_of_2(DV)))
+    block_v = max(16, min(MAX_BLOCK_V, triton.next_power_of_2(DV)))
     grid = (H, triton.cdiv(DV, block_v))
     _chunk_prefill_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), log_a.contiguous(), M0.float().contiguous(), out, states,
