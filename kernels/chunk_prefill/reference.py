@@ -13,19 +13,22 @@ from __future__ import annotations
 import torch
 
 
-def chunk_prefill_ref(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tensor | None = None):
+def chunk_prefill_ref(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tensor | None = None, *,
+                      matmul=torch.matmul, dtype=torch.float32):
+    """`matmul` and `dtype` let `kernels.tf32_emulation` replay the products at a GPU's precision."""
     T, H, dk = q.shape
     N = T // chunk
-    M = M0.float().clone()
+    M = M0.to(dtype).clone()
     outs, states = [], []
     for n in range(N):
         sl = slice(n * chunk, (n + 1) * chunk)
-        qc, kc, vc = (t[sl].float().transpose(0, 1) for t in (q, k, v))   # [H,L,*]
-        G = log_a[sl].float().transpose(0, 1).cumsum(-1)                   # [H,L]
+        qc, kc, vc = (t[sl].to(dtype).transpose(0, 1) for t in (q, k, v))   # [H,L,*]
+        G = log_a[sl].to(dtype).transpose(0, 1).cumsum(-1)                   # [H,L]
         decay = torch.exp(G[:, :, None] - G[:, None, :]).tril()
-        attn = (qc @ kc.transpose(-1, -2)) * decay
-        o = attn @ vc + (qc * torch.exp(G)[..., None]) @ M
-        M = torch.exp(G[:, -1])[:, None, None] * M + (kc * torch.exp(G[:, -1:] - G)[..., None]).transpose(-1, -2) @ vc
+        attn = matmul(qc, kc.transpose(-1, -2)) * decay
+        o = matmul(attn, vc) + matmul(qc * torch.exp(G)[..., None], M)
+        k_to_end = kc * torch.exp(G[:, -1:] - G)[..., None]
+        M = torch.exp(G[:, -1])[:, None, None] * M + matmul(k_to_end.transpose(-1, -2), vc)
         outs.append(o.transpose(0, 1))
         states.append(M.clone())
         if reset_after is not None and bool(reset_after[n]):
