@@ -1,4 +1,5 @@
-"""Kernel benchmark (a script, not a test): correctness against the torch reference first, then
+"""Kernel benchmark (a script, not a test) of the decode step, the cached read-out, the segment-end
+copy and the chunked prefill: correctness against the torch reference first, then
 time, achieved bytes/s and the ratio to the GPU's peak memory bandwidth, and the speed-up over
 the torch reference and over flash-linear-attention's fused_recurrent kernels (decode step, when
 `fla-core` is installed).
@@ -28,7 +29,14 @@ from kernels.cached_readout import cached_readout_ref  # noqa: E402
 from kernels.cached_readout.triton_kernel import cached_readout_triton  # noqa: E402
 from kernels.decode_step import decode_step_ref  # noqa: E402
 from kernels.decode_step.triton_kernel import decode_step_triton  # noqa: E402
+from kernels.chunk_prefill.reference import chunk_prefill_ref, chunk_scan_terms_ref  # noqa: E402
+from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton  # noqa: E402
+from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton  # noqa: E402
 from kernels.fla_baseline import fla_decode_step  # noqa: E402
+from kernels.segment_end.reference import segment_end_ref  # noqa: E402
+from kernels.segment_end.triton_kernel import segment_end_triton  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.memory import build_memory  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -93,6 +101,55 @@ def bench_cached_readout(batch, n_ckpt, H, dk, dv, mode, storage, device, repeat
     return report(f"cached_readout {mode} {str(storage)[6:]}", f"B={batch} n={n_ckpt}", moved, t_kernel, t_ref, peak)
 
 
+def bench_segment_end(batch, H, dk, dv, storage, device, repeats, peak):
+    """Every row ends its segment (the worst step): copy its state into a block, then reset it."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    online = torch.randn(batch, H, dk, dv, generator=g).to(device)
+    slots = torch.arange(batch, device=device)
+    ends = torch.randperm(2 * batch, generator=g)[:batch].to(device)
+    pools = [torch.zeros(2 * batch, H, dk, dv, dtype=storage, device=device) for _ in range(2)]
+    states = [online.clone(), online.clone()]
+    segment_end_ref(states[0], slots, ends, pools[0], True)
+    segment_end_triton(states[1], slots, ends, pools[1], True)
+    if not (torch.equal(pools[0], pools[1]) and torch.equal(states[0], states[1])):
+        raise SystemExit("segment_end: kernel and reference disagree; not timing")
+    t_kernel = timed(lambda: segment_end_triton(online, slots, ends, pools[1], True), repeats)
+    t_ref = timed(lambda: segment_end_ref(online, slots, ends, pools[0], True), repeats)
+    moved = online.numel() * (4 + pools[0].element_size() + 4)  # read the state, write the block and zeros
+    return report(f"segment_end {str(storage)[6:]}", f"B={batch}", moved, t_kernel, t_ref, peak)
+
+
+def bench_chunk_prefill(memory, T, H, dk, dv, chunk, device, repeats, peak):
+    """One sequence of T tokens: gla straight from q, k, v; delta from its chunk terms (after the
+    triangular solve, which stays in torch and is not timed here)."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    q, k = (torch.nn.functional.normalize(torch.randn(T, H, dk, generator=g), dim=-1).to(device) for _ in range(2))
+    v = torch.randn(T, H, dv, generator=g).to(device)
+    log_a = (-torch.rand(T, H, generator=g) * 0.05).to(device)
+    M0 = torch.zeros(H, dk, dv, device=device)
+    if memory == "gla":
+        args = (q, k, v, log_a, M0, chunk)
+        kernel, reference = chunk_prefill_triton, chunk_prefill_ref
+        inputs = [q, k, v]
+    else:
+        N = T // chunk
+        heads = lambda t: t.permute(1, 0, 2).reshape(1, H, N, chunk, -1)  # noqa: E731  [T,H,*] -> [1,H,N,L,*]
+        beta = torch.rand(1, H, N, chunk, generator=g).to(device)
+        terms = build_memory(ModelConfig(memory="delta", n_heads=H, dk=dk, dv=dv, d_model=H * dk)).chunk_terms(
+            heads(q), heads(k), heads(v), log_a.T.reshape(1, H, N, chunk), beta)
+        args = tuple(t.flatten(0, 1) for t in (terms.q_decayed, terms.attn, terms.values, terms.w,
+                                                terms.k_to_end, terms.gamma_end)) + (M0,)
+        kernel, reference = chunk_scan_terms_triton, chunk_scan_terms_ref
+        inputs = list(args[:5])
+    want, got = reference(*args), kernel(*args)
+    if not all(torch.allclose(a, b, atol=1e-3, rtol=1e-3) for a, b in zip(want, got)):
+        raise SystemExit(f"chunk prefill {memory}: kernel and reference disagree; not timing")
+    t_kernel = timed(lambda: kernel(*args), repeats)
+    t_ref = timed(lambda: reference(*args), max(1, repeats // 4))
+    moved = sum(t.numel() * t.element_size() for t in [*inputs, *got])  # read the inputs, write out + states
+    return report(f"chunk prefill {memory}", f"T={T} chunk={chunk}", moved, t_kernel, t_ref, peak)
+
+
 def report(name, shape, moved, t_kernel, t_ref, peak, t_fla=None) -> str:
     gbs = moved / t_kernel / 1e9
     vs_fla = f"{t_fla / t_kernel:.2f}x" if t_fla is not None else "-"
@@ -110,9 +167,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick or device == "cpu":
-        batches, ckpts, H, dk, dv, repeats = [2], [3], 2, 16, 16, 2
+        batches, ckpts, H, dk, dv, repeats, tokens, chunk = [2], [3], 2, 16, 16, 2, [32], 16
     else:
-        batches, ckpts, H, dk, dv, repeats = [1, 16, 64, 256], [8, 32], 16, 64, 64, 20
+        batches, ckpts, H, dk, dv, repeats, tokens, chunk = [1, 16, 64, 256], [8, 32], 16, 64, 64, 20, [1024, 8192], 64
     print(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, Triton interpreter (checks only)'}")
     fla = None if args.no_fla else fla_baseline.load()
     baseline = (f"fla-core {importlib.metadata.version('fla-core')}" if fla else
@@ -128,6 +185,12 @@ def main(argv=None) -> None:
             for mode in ("grm", "ssc"):
                 for storage in (torch.float32, torch.bfloat16):
                     bench_cached_readout(b, n, H, dk, dv, mode, storage, device, repeats, args.peak_gbs)
+    for b in batches:
+        for storage in (torch.float32, torch.bfloat16):
+            bench_segment_end(b, H, dk, dv, storage, device, repeats, args.peak_gbs)
+    for memory in ("gla", "delta"):
+        for T in tokens:
+            bench_chunk_prefill(memory, T, H, dk, dv, chunk, device, repeats, args.peak_gbs)
 
 
 if __name__ == "__main__":

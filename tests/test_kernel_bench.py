@@ -13,7 +13,9 @@ def test_kernel_bench_quick_checks_then_reports():
     assert res.returncode == 0, res.stderr
     decode = [line for line in res.stdout.splitlines() if line.startswith("| decode_step")]
     cached = [line for line in res.stdout.splitlines() if line.startswith("| cached")]
-    assert len(decode) == 2 and len(cached) == 4
+    ends = [line for line in res.stdout.splitlines() if line.startswith("| segment_end")]
+    prefill = [line for line in res.stdout.splitlines() if line.startswith("| chunk prefill")]
+    assert len(decode) == 2 and len(cached) == 4 and len(ends) == 2 and len(prefill) == 2, res.stdout
     if importlib.util.find_spec("fla") is not None:  # fla's fused_recurrent was checked, then timed
         assert all(re.search(r"\| [\d.]+x \|$", line) for line in decode), decode
 
