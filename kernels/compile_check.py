@@ -24,6 +24,7 @@ import torch
 import triton
 
 from kernels import interpreted
+from kernels.compile_only import compile_only
 
 
 
@@ -124,8 +125,6 @@ def workloads(H: int, dk: int, dv: int, chunk: int):
 
 
 def build_all(arch: int, H: int, dk: int, dv: int, chunk: int) -> list[Built]:
-    from kernels.compile_only import compile_only
-
     built = []
     with compile_only(arch) as launches:
         for label, call in workloads(H, dk, dv, chunk):

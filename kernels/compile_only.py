@@ -24,9 +24,11 @@ from kernels import interpreted
 
 
 class CompileOnlyDriver(DriverBase):
-    """Names a CUDA target; can load and launch nothing. Its device is a name of its own, because
-    Triton files each kernel's compiled versions (and the target they were built for) under the
-    device: as device 0 they would be served to a later run for another arch, or to a real GPU."""
+    """Names a CUDA target; can load and launch nothing, by design: its launch and timing hooks
+    raise if anything tries (`compile_only` turns launches into compiles first). Its device is a
+    name of its own, because Triton files each kernel's compiled versions (and the target they were
+    built for) under the device: as device 0 they would be served to a later run for another arch,
+    or to a real GPU."""
 
     def __init__(self, arch: int):
         self.target = GPUTarget("cuda", arch, 32)
@@ -37,7 +39,7 @@ class CompileOnlyDriver(DriverBase):
         return False  # never picked by Triton's own driver discovery
 
     def map_python_to_cpp_type(self, ty: str) -> str:
-        raise NotImplementedError("compile-only driver: no launcher")
+        raise RuntimeError("compile_only: kernels are compiled here, never launched")
 
     def get_current_target(self):
         return self.target
@@ -52,7 +54,7 @@ class CompileOnlyDriver(DriverBase):
         return torch.device("cpu")
 
     def get_benchmarker(self):
-        raise NotImplementedError("compile-only driver: nothing runs")
+        raise RuntimeError("compile_only: kernels are compiled here, never timed")
 
 
 @dataclass

@@ -19,7 +19,7 @@ KERNELS = ["decode_step gla", "decode_step delta", "cached_readout residual fp32
            "chunk_prefill gla", "chunk_scan_terms delta", "chunk_scan_terms gla"]
 
 
-def compile_check(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
+def run_compile_check(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "kernels.compile_check", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -36,7 +36,7 @@ def rows(stdout: str) -> dict[str, list[str]]:
     ("--arch", "80", "--heads", "3", "--dk", "24", "--dv", "40", "--chunk", "16"),   # odd sizes, Ampere
 ])
 def test_every_kernel_compiles_for_the_gpu_and_fits(argv):
-    done = compile_check(*argv)
+    done = run_compile_check(*argv)
     assert done.returncode == 0, done.stderr
     table = rows(done.stdout)
     for name in KERNELS:
@@ -53,13 +53,13 @@ def test_a_kernel_over_the_shared_memory_limit_is_refused():
     code = ("import sys; from kernels.chunk_prefill import triton_kernel as tk; "
             "tk.LAUNCH.update(num_stages=3); from kernels.compile_check import main; "
             "sys.exit(main(sys.argv[1:]))")
-    done = compile_check("--arch", "90", "--dk", "128", "--dv", "128", code=code)
+    done = run_compile_check("--arch", "90", "--dk", "128", "--dv", "128", code=code)
     assert done.returncode == 1
     assert "cannot launch on sm_90, too much shared memory: chunk_scan_terms delta" in done.stderr
 
 
 def test_spills_fail_the_check_when_asked():
-    done = compile_check("--arch", "90", "--fail-on-spill")
+    done = run_compile_check("--arch", "90", "--fail-on-spill")
     assert done.returncode == 1 and "spills in: chunk_prefill gla" in done.stderr
 
 
@@ -104,7 +104,7 @@ print(sorted({(launch.name, id(launch.kernel)) for launch in launches}))
 def test_one_compiled_prefill_kernel_serves_every_prompt_length():
     """Each compile costs about a second of host CPU (1.1 s here): a prefill kernel specialised on the prompt's
     length (it once took T as a constexpr) would compile again for every new length."""
-    done = compile_check(code=COUNT_COMPILES)
+    done = run_compile_check(code=COUNT_COMPILES)
     assert done.returncode == 0, done.stderr
     names = [name for name, _ in ast.literal_eval(done.stdout)]
     assert sorted(names) == ["_chunk_prefill_kernel", "_terms_scan_kernel"], names
@@ -128,6 +128,6 @@ print(targets, driver._active)
 def test_compile_only_builds_for_each_arch_and_restores_the_driver():
     """Triton files compiled kernels under the device: each arch is a device of its own, or the
     second block would be served the first one's cubins."""
-    done = compile_check(code=TWO_ARCHS)
+    done = run_compile_check(code=TWO_ARCHS)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[80, 90] None"
