@@ -148,6 +148,13 @@ class AsyncEngine:
                 continue
 
     def _deliver(self, request_id: str, item) -> None:
+        """Hand an output to its stream. A turn whose session write is pending (durable
+        sessions) is handed over when the write has landed, so the client's response completes
+        only after its session is on stable storage."""
+        persisted = getattr(item, "persisted", None)
+        if persisted is not None and not persisted.done():
+            persisted.add_done_callback(lambda _: self._deliver(request_id, item))
+            return
         if self.on_output is not None and isinstance(item, RequestOutput):
             self.on_output(item)
         stream = self._streams.get(request_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,7 +24,7 @@ from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, SequenceStatus
 from .session_index import SessionError, check_session_id
-from .sessions import SessionState, SessionStore
+from .sessions import SessionStore, stack_blocks
 
 
 class EngineError(ValueError):
@@ -51,6 +52,9 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     resume_seconds: float | None = None
+    # The session write of a finished turn, when the store is durable ("sync"): the output is
+    # delivered to the client once it completes.
+    persisted: Future | None = None
 
 
 class LLMEngine:
@@ -61,12 +65,14 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
         self.runner = ModelRunner(model, self.config)
+        if sessions is not None:
+            sessions.attach(model.fingerprint, self.config.ckpt_dtype, model.config.segment_size)
         self.scheduler = Scheduler(self.config, model.config.segment_size, model.config.caches_checkpoints)
         self.sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._swapped_slots: dict[str, dict[str, torch.Tensor]] = {}
-        self._resume: dict[str, tuple[SessionState, bool]] = {}  # request -> (saved state, exact)
+        self._resume: dict[str, tuple] = {}  # request -> (saved SessionState, exact)
         self._active_sessions: dict[str, str] = {}  # session -> the request using it
         self._ids = itertools.count()
 
@@ -127,9 +133,9 @@ class LLMEngine:
         seq = self.sequences.get(request_id)
         if seq is None or seq.is_finished:
             return None
-        self._end(seq, "abort")
+        persisted = self._end(seq, "abort")
         return RequestOutput(seq.request_id, seq.group_id, seq.index, [], "", True, "abort",
-                             len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens)
+                             len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens, persisted=persisted)
 
     def abort_group(self, group_id: str) -> list[RequestOutput]:
         """Abort every sample of a request; their final outputs."""
@@ -143,8 +149,13 @@ class LLMEngine:
         check_session_id(session_id)
         if session_id in self._active_sessions:
             raise SessionError(f"session {session_id!r} is busy with another request", "busy")
+        self.sessions.acquire(session_id)  # the store's lease: no other replica advances it meanwhile
         started = time.monotonic()
-        saved = self.sessions.get(source_id)  # SessionError for a corrupt or foreign file
+        try:
+            saved = self.sessions.get(source_id)  # SessionError for a session of another model
+        except BaseException:
+            self.sessions.release(session_id)
+            raise
         seq.resume_seconds = time.monotonic() - started if saved is not None else None
         seq.session_id = session_id
         self._active_sessions[session_id] = seq.request_id
@@ -156,7 +167,7 @@ class LLMEngine:
             if a != b:
                 break
             common += 1
-        exact = common == len(tokens) < len(prompt)
+        exact = common == len(tokens) < len(prompt) and saved.slot is not None
         if exact:
             blocks, start = saved.num_checkpoints, len(tokens)
         else:  # restart from the last checkpoint at or before the divergence (one token left to read)
@@ -166,18 +177,26 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_reused_tokens = start
         self._resume[seq.request_id] = (saved, exact)
 
-    def _save_session(self, seq: Sequence) -> None:
-        """Save what the sequence has read, before its slot and blocks are freed."""
+    def _save_session(self, seq: Sequence) -> Future | None:
+        """Save what the sequence has read, before its slot and blocks are freed: its new
+        blocks (those the store does not hold yet), its slot and its manifest. Returns the write."""
         if seq.status == SequenceStatus.RUNNING and seq.slot is not None:
             tier, slot = "device", self.runner.read_slot(seq.slot)
         elif seq.status == SequenceStatus.SWAPPED and seq.request_id in self._swapped_slots:
             tier, slot = "host", self._swapped_slots[seq.request_id]
-        else:
-            return  # never started, or reset for recompute: the saved session stays as it was
-        state = SessionState(tokens=seq.all_ids[:seq.num_computed_tokens],
-                             blocks=self.runner.read_blocks(seq.block_table, tier), slot=slot,
-                             fingerprint=self.model.fingerprint)
-        self.sessions.put(seq.session_id, state)
+        else:  # never started, or reset for recompute: the saved session stays as it was
+            self.sessions.release(seq.session_id)
+            return None
+        store = self.sessions
+        try:
+            keys = [store.block_key(h) for h in self.scheduler.block_hashes(seq, len(seq.block_table))]
+            unknown = store.unknown_blocks(keys)
+            read = self.runner.read_blocks([seq.block_table[i] for i in unknown], tier) if unknown else {}
+            new_blocks = {keys[i]: {name: t[:, j] for name, t in read.items()} for j, i in enumerate(unknown)}
+        except BaseException:
+            store.release(seq.session_id)
+            raise
+        return store.put(seq.session_id, seq.all_ids[:seq.num_computed_tokens], keys, new_blocks, slot)
 
     def session_in_use(self, session_id: str) -> bool:
         return session_id in self._active_sessions
@@ -211,8 +230,7 @@ class LLMEngine:
         for seq, slot, blocks, first_missing in plan.restores:
             saved, exact = self._resume.pop(seq.request_id)
             if len(blocks) > first_missing:
-                self.runner.write_blocks(blocks[first_missing:], {
-                    k: v[:, first_missing:len(blocks)] for k, v in saved.blocks.items()})
+                self.runner.write_blocks(blocks[first_missing:], stack_blocks(saved.blocks[first_missing:len(blocks)]))
             if exact:
                 self.runner.write_slot(slot, saved.slot)
             else:
@@ -259,23 +277,27 @@ class LLMEngine:
                     reason = "stop"
             if reason is None and len(seq.output_ids) >= params.max_tokens:
                 reason = "length"
+        persisted = None
         if reason is not None:
             detok = self._detokenizers.get(seq.request_id)
             if detok is not None and not detok.stopped:
                 text += detok.finish()
-            self._end(seq, reason)
+            persisted = self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.group_id, seq.index, new_ids, text, reason is not None, reason,
                              len(seq.prompt_ids), len(seq.output_ids), seq.num_reused_tokens,
                              [choice] if params.logprobs is not None else [], seq.arrival_time,
-                             seq.first_scheduled_time, seq.first_token_time, seq.resume_seconds)
+                             seq.first_scheduled_time, seq.first_token_time, seq.resume_seconds, persisted)
 
-    def _end(self, seq: Sequence, reason: str) -> None:
+    def _end(self, seq: Sequence, reason: str) -> Future | None:
+        """Finish `seq`; with a session, save it. Returns the save when the store is durable."""
+        write = None
         try:
             if seq.session_id is not None:
-                self._save_session(seq)
+                write = self._save_session(seq)
         finally:
             self.scheduler.finish(seq, reason)
             self._forget(seq)
+        return write if self.sessions is not None and self.sessions.durability == "sync" else None
 
     def _forget(self, seq: Sequence) -> None:
         if seq.session_id is not None:

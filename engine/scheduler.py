@@ -243,7 +243,7 @@ class Scheduler:
         if seq.resume_blocks is not None:
             # Blocks of the session still cached on the device (same tokens, same checkpoints)
             # are shared; only the missing ones are installed from the saved state.
-            hashes = segment_hashes(seq.all_ids[:seq.resume_blocks * self.segment_size], self.segment_size)
+            hashes = self.block_hashes(seq, seq.resume_blocks)
             shared = self.pool.device.lookup(hashes) if self.config.enable_prefix_reuse else []
             if not self.pool.device.can_allocate(seq.resume_blocks - len(shared) + 1):
                 self.pool.release_all(shared)
@@ -285,7 +285,7 @@ class Scheduler:
         """Share the cached blocks of the longest matching prefix of whole segments."""
         if not (self.config.enable_prefix_reuse and self.caches_checkpoints) or seq.num_computed_tokens:
             return []
-        hashes = segment_hashes(seq.all_ids, self.segment_size)
+        hashes = self.block_hashes(seq, seq.num_tokens // self.segment_size)
         # Keep at least one token to compute: its logits give the first sample.
         while hashes and len(hashes) * self.segment_size >= seq.num_tokens:
             hashes.pop()
@@ -314,9 +314,17 @@ class Scheduler:
     def _publish(self, seq: Sequence, first: int) -> None:
         """Make blocks `first...` of `seq` findable by later requests with the same prefix."""
         if self.config.enable_prefix_reuse and len(seq.block_table) > first:
-            hashes = segment_hashes(seq.all_ids[:len(seq.block_table) * self.segment_size], self.segment_size)
+            hashes = self.block_hashes(seq, len(seq.block_table))
             for i in range(first, len(seq.block_table)):
                 self.pool.device.publish(seq.block_table[i], hashes[i])
+
+
+    def block_hashes(self, seq: Sequence, n: int) -> list[str]:
+        """The chain hashes of the first `n` segments of `seq` (cached on it: its tokens only grow)."""
+        if len(seq.block_hashes) < n:
+            seq.block_hashes = segment_hashes(seq.all_ids[:n * self.segment_size], self.segment_size,
+                                              seq.block_hashes)
+        return seq.block_hashes[:n]
 
 
 def plan_tokens(work: PrefillWork | DecodeWork) -> int:

@@ -25,6 +25,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0          # tokens whose effect is in the state
     block_table: list[int] = field(default_factory=list)  # one checkpoint block per finished segment
+    block_hashes: list[str] = field(default_factory=list)  # chain hashes of its first segments (a cache)
     slot: int | None = None               # online-state slot while RUNNING
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None      # "stop", "length", "abort"

@@ -1,251 +1,567 @@
-"""SessionStore: named, saved sequence states that resume across requests and restarts.
+"""SessionStore: named, saved sequence states that resume across requests, restarts and replicas.
 
-A session holds the token ids whose effect is in its state, every checkpoint block (checkpoint,
-summary, conv tail at the boundary: [L, n, ...]), the online slot (online memory, key sum, conv
-tail: [L, ...]) and the fingerprint of the model that made it. On disk it is one safetensors file,
-written atomically (temp file, fsync, rename, fsync of the directory) with a sha256 checksum over
-its contents in the header; memory keeps an LRU cache in front (engine/session_index.py). Disk
-writes run in one background thread, in order, so the engine loop never waits for the disk; a
-session is durable once its write has landed (`flush()` waits for that; shutdown calls it).
+The store is paged, like the device pool. Each checkpoint block is stored once, under a key made
+of the model fingerprint, the checkpoint dtype and the chain hash of the tokens it covers (the
+device prefix cache's hash), so sessions that share a prefix share its blocks. A session is a
+manifest (engine/store/codec.py): its tokens, its ordered block keys and the key of its online
+slot. A turn writes its new blocks, its slot, then its manifest, which replaces the old one
+atomically; nothing else is rewritten.
+
+Durability: `put` returns a Future that completes once the blocks, slot and manifest are on
+stable storage (the backend's `barrier`). With durability "sync" the engine holds a turn's last
+output until then; with "async" it does not wait (a crash can lose the turns whose writes had
+not landed; the session then resumes from its last durable turn).
+
+Exclusion: a session is advanced by one request at a time, across replicas: `acquire` takes the
+session's lease in the store (SessionError "busy" if another holds it), and the write that
+follows a turn releases it. Leases are renewed while held and expire if their owner dies.
+
+Integrity: every blob and manifest is checksummed. A block that is missing or fails its checks
+ends the session's usable prefix there: the session resumes from the last good checkpoint and
+the rest of the prompt is read again. It is never a wrong answer, and it is counted.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import queue
+import secrets
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .session_index import SessionEntry, SessionError, SessionIndex, SessionLimits, check_session_id
+from .session_index import SessionError, check_session_id
+from .store import legacy_v1
+from .store.backend import BackendError, StoreBackend, open_backend
+from .store.codec import IntegrityError, Manifest, decode_blob, encode_blob
+from .store.index import SessionEntry, SessionLimits, StoreIndex
+from .store.memory_tier import CachedSession, MemoryTier
 
-FORMAT = "mcserve.session.v1"
-SUFFIX = ".session.safetensors"
+log = logging.getLogger("mcserve.sessions")
+
+DURABILITY = ("sync", "async")
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass
 class SessionState:
+    """What a resume installs: the first `len(blocks)` checkpoints (each {name: [L, ...]}) and,
+    when the whole state is good, the online slot. `slot is None` means: restart from the last
+    block and read the rest of `tokens` again."""
+
     tokens: list[int]
-    blocks: dict[str, torch.Tensor]   # ckpt / summary / block_conv, each [L, n, ...]
-    slot: dict[str, torch.Tensor]     # online / key_sum / conv_tail, each [L, ...]
+    blocks: list[Tensors]
+    slot: Tensors | None
     fingerprint: str
     created: float = field(default_factory=time.time)
 
     @property
     def num_checkpoints(self) -> int:
-        return self.blocks["ckpt"].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        tensors = list(self.blocks.values()) + list(self.slot.values())
-        return sum(t.numel() * t.element_size() for t in tensors) + 8 * len(self.tokens)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        named = {f"block.{k}": v for k, v in self.blocks.items()}
-        named.update({f"slot.{k}": v for k, v in self.slot.items()})
-        named["tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
-        return {k: v.contiguous() for k, v in named.items()}
+        return len(self.blocks)
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
+def stack_blocks(blocks: list[Tensors]) -> Tensors:
+    """Blocks as the runner's pool takes them: {name: [L, n, ...]}."""
+    return {name: torch.stack([b[name] for b in blocks], dim=1) for name in blocks[0]} if blocks else {}
 
 
-class DiskWriter:
-    """One background thread that applies file writes and deletes in the order they were asked
-    for, so the engine loop never waits for the disk."""
+def tensors_nbytes(tensors: Tensors | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values()) if tensors else 0
+
+
+@dataclass
+class StoreStats:
+    """Counters for the metrics (read by the server's collector)."""
+
+    writes: int = 0
+    bytes_written: int = 0
+    blocks_written: int = 0
+    blocks_deduplicated: int = 0
+    blocks_collected: int = 0
+    slots_collected: int = 0
+    evictions: Counter = field(default_factory=Counter)         # memory, store
+    integrity_errors: Counter = field(default_factory=Counter)  # missing, truncated, checksum, ...
+    write_errors: list[str] = field(default_factory=list)
+    converted_v1: int = 0
+    write_seconds: list[int] = field(default_factory=lambda: [0] * (len(WRITE_BUCKETS) + 1))
+    write_seconds_sum: float = 0.0
+
+    def observe_write(self, seconds: float) -> None:
+        self.write_seconds[next((i for i, b in enumerate(WRITE_BUCKETS) if seconds <= b), len(WRITE_BUCKETS))] += 1
+        self.write_seconds_sum += seconds
+
+
+class StoreWriter:
+    """One background thread that runs store writes in the order they were asked for; each
+    job's Future completes when it has run."""
 
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue()
-        self.errors: list[str] = []
         self.thread = threading.Thread(target=self._run, name="mcserve-session-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, fn, *args) -> None:
-        self.jobs.put((fn, args))
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn, args))
+        return future
 
     def flush(self) -> None:
         self.jobs.join()
 
     def _run(self) -> None:
         while True:
-            fn, args = self.jobs.get()
+            future, fn, args = self.jobs.get()
             try:
-                fn(*args)
-            except Exception as e:  # noqa: BLE001 - reported by the store, the writer goes on
-                self.errors.append(f"{fn.__name__}{args[:1]}: {e}")
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
             finally:
                 self.jobs.task_done()
 
 
 class SessionStore:
-    """Sessions in memory (LRU) and on disk. Disk writes happen behind the caller's back in
-    order (`flush()` waits for them); `sync=True` writes before `put` returns."""
+    def __init__(self, fingerprint: str, backend: StoreBackend | str | Path | None = None,
+                 limits: SessionLimits | None = None, *, ckpt_dtype: str = "fp32", durability: str = "sync",
+                 lease_s: float = 30.0, gc_grace_s: float | None = None, owner: str | None = None):
+        if durability not in DURABILITY:
+            raise ValueError(f"session durability must be one of {list(DURABILITY)}, got {durability!r}")
+        if lease_s <= 0:
+            raise ValueError(f"session lease must be > 0 s, got {lease_s}")
+        self.fingerprint, self.ckpt_dtype, self.durability = fingerprint, ckpt_dtype, durability
+        self.segment_size = 0  # set by the engine (`attach`); only the v1 conversion needs it
+        self.backend = backend if isinstance(backend, StoreBackend) else open_backend(str(backend or ""))
+        self.limits = limits or SessionLimits()
+        self.lease_s = lease_s
+        # A blob another replica may be about to reference is spared this long after its last touch.
+        self.gc_grace_s = gc_grace_s if gc_grace_s is not None else (60.0 if self.backend.shared else 0.0)
+        self.owner = owner or f"replica-{secrets.token_hex(8)}"
+        self.index = StoreIndex(self.limits)
+        self.memory = MemoryTier(self.limits.max_memory_sessions, self.limits.max_memory_bytes)
+        self.stats = StoreStats()
+        self.lock = threading.RLock()        # index, memory tier, holds, pending
+        self.holds: Counter = Counter()      # session -> requests of this process holding its lease
+        self.pending: Counter = Counter()    # session -> writes queued, not landed
+        self.legacy: dict[str, dict[str, str]] = {}
+        self.writer = StoreWriter()
+        self._closed = threading.Event()
+        self._scan()
+        self._collect(self.gc_grace_s)
+        threading.Thread(target=self._renew_leases, name="mcserve-session-leases", daemon=True).start()
 
-    def __init__(self, fingerprint: str, directory: str | Path | None = None,
-                 limits: SessionLimits | None = None, sync: bool = False):
-        self.fingerprint = fingerprint
-        self.directory = Path(directory) if directory else None
-        self.index = SessionIndex(limits or SessionLimits())
-        self.memory: dict[str, SessionState] = {}
-        self.writer = DiskWriter() if self.directory is not None and not sync else None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._scan()
+    def attach(self, fingerprint: str, ckpt_dtype: str, segment_size: int) -> None:
+        """Called by the engine that saves into this store."""
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"this session store is for model {self.fingerprint}, not {fingerprint}")
+        self.ckpt_dtype, self.segment_size = ckpt_dtype, segment_size
 
-    def flush(self) -> None:
-        """Wait until every saved session is on disk."""
-        if self.writer is not None:
-            self.writer.flush()
+    # --- keys ------------------------------------------------------------------------------
+    def block_key(self, chain_hash: str) -> str:
+        return f"{self.fingerprint[:16]}-{self.ckpt_dtype}-{chain_hash}"
 
-    def _on_disk(self, fn, *args) -> None:
-        if self.writer is not None:
-            self.writer.submit(fn, *args)
-        else:
-            fn(*args)
+    def unknown_blocks(self, keys: list[str]) -> list[int]:
+        """Indices of `keys` this store does not know to hold: the blocks a put must be given."""
+        with self.lock:
+            return [i for i, k in enumerate(keys) if not self.index.has_blob(("block", k))
+                    and self.memory.block(k) is None]
 
-    # --- public ----------------------------------------------------------------------------
+    # --- leases ----------------------------------------------------------------------------
+    def acquire(self, session_id: str) -> None:
+        """Take the session for one request of this process; SessionError "busy" if another
+        replica holds it. Each acquire is ended by a `put` or a `release`."""
+        check_session_id(session_id)
+        with self.lock:
+            if self.holds[session_id] == 0 and self.pending[session_id] == 0:
+                if not self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s):
+                    raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
+            self.holds[session_id] += 1
+
+    def release(self, session_id: str) -> None:
+        """End an acquire that saves nothing (the lease goes once earlier writes have landed)."""
+        self.writer.submit(self._drop_hold, session_id)
+
+    def _drop_hold(self, session_id: str) -> None:
+        with self.lock:
+            self.holds[session_id] -= 1
+            if self.holds[session_id] <= 0:
+                del self.holds[session_id]
+                if self.pending[session_id] <= 0:
+                    self.backend.release_lease(session_id, self.owner)
+
+    def _renew_leases(self) -> None:
+        while not self._closed.wait(self.lease_s / 3):
+            with self.lock:
+                held = [sid for sid in set(self.holds) | {s for s, n in self.pending.items() if n > 0}]
+            for sid in held:
+                try:
+                    if not self.backend.acquire_lease(sid, self.owner, self.lease_s):
+                        log.warning("lost the lease of session %r", sid)
+                except BackendError as e:
+                    log.warning("could not renew the lease of session %r: %s", sid, e)
+
+    # --- reads -----------------------------------------------------------------------------
     def get(self, session_id: str) -> SessionState | None:
-        """The saved state, or None if there is no such session. Raises SessionError(corrupt,
-        wrong_model) for a bad file; other sessions are unaffected."""
+        """The saved state (possibly a prefix of it, see SessionState), or None if there is no
+        such session or nothing of it is usable. SessionError "wrong_model" if another model saved it."""
         check_session_id(session_id)
-        entry = self.index.get(session_id)
-        if entry is None:
+        with self.lock:
+            cached = self.memory.get(session_id)
+            if cached is not None and self.pending[session_id] > 0:
+                return self._state(cached.manifest, cached.slot, self._cached_blocks(cached.manifest))
+        data = self._backend(self.backend.get, "manifest", session_id)
+        if data is None:
+            return self._convert_v1(session_id)
+        try:
+            manifest = Manifest.decode(data, session_id)
+        except IntegrityError as e:
+            self._integrity_error(e)
             return None
-        state = self.memory.get(session_id)
-        if state is None:
-            self.flush()  # its latest version may still be on its way to disk
-            state = self._read(session_id)
-            self._remember(session_id, state, entry)
-        self.index.touch(entry)
-        return state
+        if manifest.fingerprint != self.fingerprint:
+            raise SessionError(f"session {session_id!r} was saved by another model ({manifest.fingerprint}), "
+                               f"not this one ({self.fingerprint})", "wrong_model")
+        digest = _digest(data)
+        with self.lock:
+            cached = self.memory.get(session_id)
+            if cached is not None and cached.digest == digest:
+                self.index.touch(session_id, time.time())
+                return self._state(manifest, cached.slot, self._cached_blocks(manifest))
+        return self._load(manifest, digest, len(data))
 
-    def put(self, session_id: str, state: SessionState) -> SessionEntry:
+    def _load(self, manifest: Manifest, digest: str, manifest_bytes: int) -> SessionState:
+        blocks, fresh = [], {}
+        for key in manifest.blocks:
+            with self.lock:
+                tensors = self.memory.block(key)
+            if tensors is None:
+                try:
+                    tensors = decode_blob(self._backend(self.backend.get, "block", key),
+                                          {"kind": "block", "key": key})
+                except IntegrityError as e:
+                    self._integrity_error(e, manifest.session_id)
+                    break
+                fresh[key] = (tensors, tensors_nbytes(tensors))
+            blocks.append(tensors)
+        slot = None
+        if len(blocks) == len(manifest.blocks) and manifest.slot is not None:
+            try:
+                slot = decode_blob(self._backend(self.backend.get, "slot", manifest.slot),
+                                   {"kind": "slot", "key": manifest.slot})
+            except IntegrityError as e:
+                self._integrity_error(e, manifest.session_id)
+        with self.lock:
+            good = Manifest(**{**manifest.__dict__, "blocks": manifest.blocks[:len(blocks)]})
+            self.memory.put(manifest.session_id, CachedSession(digest, good, slot, tensors_nbytes(slot)), fresh)
+            self._index_manifest(manifest, manifest_bytes)
+            self.index.touch(manifest.session_id, time.time())
+            self._mark_in_memory(manifest.session_id)
+        return self._state(manifest, slot, blocks)
+
+    def _cached_blocks(self, manifest: Manifest) -> list[Tensors]:
+        blocks = []
+        for key in manifest.blocks:
+            tensors = self.memory.block(key)
+            if tensors is None:
+                break
+            blocks.append(tensors)
+        return blocks
+
+    def _state(self, manifest: Manifest, slot: Tensors | None, blocks: list[Tensors]) -> SessionState:
+        whole = len(blocks) == len(manifest.blocks)
+        return SessionState(list(manifest.tokens), blocks, slot if whole else None, manifest.fingerprint,
+                            manifest.created)
+
+    # --- writes ----------------------------------------------------------------------------
+    def put(self, session_id: str, tokens: list[int], block_keys: list[str], new_blocks: dict[str, Tensors],
+            slot: Tensors | None, created: float | None = None) -> Future:
+        """Save a session's state: its block keys in order, the tensors of those this store did
+        not know (`unknown_blocks`), and its online slot. Ends one `acquire`. The Future
+        completes once the state is durable (or fails with the write's error)."""
         check_session_id(session_id)
-        old = self.index.get(session_id)
-        entry = SessionEntry(session_id, len(state.tokens), state.num_checkpoints, state.nbytes,
-                             created=old.created if old else state.created, last_used=time.time())
-        if self.directory is not None:
-            self._on_disk(self._write, session_id, state)
-            entry.on_disk = True
-        self._remember(session_id, state, entry)
-        self.index.touch(entry)
-        self._evict(keep=session_id)
+        now = time.time()
+        with self.lock:
+            old = self.index.get(session_id)
+            created = created or (old.created if old else now)
+            slot_key = f"{session_id}.{secrets.token_hex(8)}" if slot is not None else None
+            manifest = Manifest(session_id, self.fingerprint, self.ckpt_dtype, list(tokens), list(block_keys),
+                                slot_key, 0, created, now)
+            manifest.logical_bytes = self._logical_bytes(manifest, new_blocks, slot)
+            data = manifest.encode()
+            self.memory.put(session_id, CachedSession(_digest(data), manifest, slot, tensors_nbytes(slot)),
+                            {k: (v, tensors_nbytes(v)) for k, v in new_blocks.items()})
+            self.pending[session_id] += 1
+            if self.holds[session_id] == 0:  # a put without acquire (tests, conversions): take the lease now
+                self.holds[session_id] += 1
+                self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s)
+        return self.writer.submit(self._write, manifest, new_blocks, slot)
+
+    def _logical_bytes(self, manifest: Manifest, new_blocks: dict[str, Tensors], slot: Tensors | None) -> int:
+        per_block = next((tensors_nbytes(b) for b in new_blocks.values()), 0)
+        if not per_block:
+            first = self.memory.block(manifest.blocks[0]) if manifest.blocks else None
+            per_block = tensors_nbytes(first)
+        return per_block * len(manifest.blocks) + tensors_nbytes(slot) + 4 * len(manifest.tokens)
+
+    def _write(self, manifest: Manifest, new_blocks: dict[str, Tensors], slot: Tensors | None) -> SessionEntry:
+        sid, started = manifest.session_id, time.monotonic()
+        try:
+            with self.lock:
+                previous = self.index.get(sid)
+            known = set(previous.blocks) if previous else set()
+            for i, key in enumerate(manifest.blocks):
+                if key in known:
+                    continue  # referenced by the manifest being replaced: cannot have been collected
+                if key in new_blocks:
+                    self._write_block(key, new_blocks[key])
+                elif not self.backend.touch("block", key):  # collected since we last saw it
+                    self._integrity_error(IntegrityError(f"block {key} vanished before session {sid!r} "
+                                                         "referenced it", "missing"), sid)
+                    manifest.blocks, manifest.slot = manifest.blocks[:i], None
+                    break
+            if manifest.slot is not None:
+                blob = encode_blob(slot, {"kind": "slot", "key": manifest.slot, "fingerprint": self.fingerprint})
+                self.backend.put("slot", manifest.slot, blob)
+                self._count_write(len(blob))
+                with self.lock:
+                    self.index.add_blob(("slot", manifest.slot), len(blob))
+            self.backend.barrier()
+            if not self.backend.acquire_lease(sid, self.owner, self.lease_s):  # fencing: still ours?
+                raise SessionError(f"session {sid!r}: its lease was lost (another replica took it); "
+                                   "this turn was not saved", "busy")
+            data = manifest.encode()
+            self.backend.put("manifest", sid, data)
+            self.backend.barrier()
+            self._count_write(len(data))
+            if previous is not None and previous.slot and previous.slot != manifest.slot:
+                self.backend.delete("slot", previous.slot)
+                with self.lock:
+                    self.index.drop_blob(("slot", previous.slot))
+            with self.lock:
+                entry = self._index_manifest(manifest, len(data))
+            self.stats.writes += 1
+            self.stats.observe_write(time.monotonic() - started)
+            return entry
+        except (OSError, SessionError) as e:
+            self.stats.write_errors.append(f"session {sid!r}: {e}")
+            log.error("session %r was not saved: %s", sid, e)
+            with self.lock:
+                self.memory.drop(sid)  # do not serve a state the store does not have
+            raise
+        finally:
+            with self.lock:
+                self.pending[sid] -= 1
+                if self.pending[sid] <= 0:
+                    del self.pending[sid]
+            self._drop_hold(sid)
+            self._enforce_limits()
+
+    def _write_block(self, key: str, tensors: Tensors) -> None:
+        if self.backend.touch("block", key):
+            self.stats.blocks_deduplicated += 1
+            return
+        blob = encode_blob(tensors, {"kind": "block", "key": key, "fingerprint": self.fingerprint})
+        if self.backend.put_new("block", key, blob):
+            self._count_write(len(blob))
+            self.stats.blocks_written += 1
+        else:
+            self.stats.blocks_deduplicated += 1
+        with self.lock:
+            self.index.add_blob(("block", key), len(blob))
+
+    def _count_write(self, n: int) -> None:
+        self.stats.bytes_written += n
+
+    def _index_manifest(self, manifest: Manifest, manifest_bytes: int) -> SessionEntry:
+        old = self.index.get(manifest.session_id)
+        entry = SessionEntry(manifest.session_id, len(manifest.tokens), len(manifest.blocks), manifest.logical_bytes,
+                             manifest.created, manifest.updated, tuple(manifest.blocks), manifest.slot,
+                             manifest_bytes, in_memory=self.memory.get(manifest.session_id) is not None)
+        if old is not None:
+            entry.last_used = max(entry.last_used, old.last_used)
+        self.index.add(entry)
         return entry
 
+    def _mark_in_memory(self, session_id: str) -> None:
+        for sid, entry in self.index.entries.items():
+            entry.in_memory = sid in self.memory.sessions
+
+    def flush(self) -> None:
+        """Wait until every write asked for so far has landed."""
+        self.writer.flush()
+
+    # --- deletes, listing --------------------------------------------------------------------
     def delete(self, session_id: str) -> bool:
         check_session_id(session_id)
-        entry = self.index.remove(session_id)
-        self.memory.pop(session_id, None)
-        if self.directory is not None:
-            self._on_disk(self._unlink, session_id)
-        return entry is not None
+        self.acquire(session_id)
+        try:
+            return self.writer.submit(self._delete_now, session_id).result()
+        finally:
+            self.release(session_id)
 
-    def _unlink(self, session_id: str) -> None:
-        self._path(session_id).unlink(missing_ok=True)
+    def _delete_now(self, session_id: str) -> bool:
+        data = self.backend.get("manifest", session_id)
+        slot = None
+        if data is not None:
+            try:
+                slot = Manifest.decode(data, session_id).slot
+            except IntegrityError:
+                pass
+        legacy = self.legacy.pop(session_id, None) is not None
+        if legacy:
+            legacy_v1.v1_path(self.backend.root, session_id).unlink(missing_ok=True)
+        self.backend.delete("manifest", session_id)
+        if slot:
+            self.backend.delete("slot", slot)
+        self.backend.barrier()
+        with self.lock:
+            entry = self.index.remove(session_id)
+            if slot:
+                self.index.drop_blob(("slot", slot))
+            self.memory.drop(session_id)
+        self._collect(self.gc_grace_s)
+        return data is not None or entry is not None or legacy
 
     def info(self, session_id: str) -> SessionEntry | None:
         check_session_id(session_id)
-        return self.index.get(session_id)
+        with self.lock:
+            entry = self.index.get(session_id)
+        if entry is None and self.backend.shared:
+            self.get(session_id)  # another replica may have written it
+            with self.lock:
+                entry = self.index.get(session_id)
+        return entry
 
     def list(self) -> list[SessionEntry]:
-        return list(self.index.entries.values())
+        if self.backend.shared:
+            self.writer.submit(self._scan).result()
+        with self.lock:
+            return list(self.index.entries.values())
 
-    # --- tiers -----------------------------------------------------------------------------
-    def _remember(self, session_id: str, state: SessionState, entry: SessionEntry) -> None:
-        self.memory[session_id] = state
-        entry.in_memory = True
-        self.index.touch(entry)
-        self._evict(keep=session_id)
+    # --- limits, collection ------------------------------------------------------------------
+    def _enforce_limits(self) -> None:
+        with self.lock:
+            if not self.index.over_limits():
+                return
+        if self.backend.shared:
+            self._scan()  # other replicas' sessions count too
+        with self.lock:
+            protected = set(self.holds) | set(self.pending)
+            victims = self.index.victims(protected)
+        for sid in victims:
+            self._delete_now(sid)
+            self.stats.evictions["store"] += 1
+        self._collect(self.gc_grace_s)
 
-    def _evict(self, keep: str) -> None:
-        for sid in self.index.memory_victims(keep):
-            entry = self.index.get(sid)
-            self.memory.pop(sid, None)
-            entry.in_memory = False
-            self.index.evictions["memory"] += 1
-            if not entry.on_disk:  # nowhere else to keep it
-                self.index.remove(sid)
-        for sid in self.index.disk_victims(keep):
-            self.index.evictions["disk"] += 1
-            self.delete(sid)
-
-    # --- disk ------------------------------------------------------------------------------
-    def _path(self, session_id: str) -> Path:
-        return self.directory / f"{session_id}{SUFFIX}"
+    def _collect(self, min_age_s: float) -> None:
+        """Delete blobs that no manifest references (left by evictions, deletes and crashes)."""
+        with self.lock:
+            orphans = self.index.orphans()
+        if not orphans:
+            return
+        if self.backend.shared:
+            self._scan()
+            with self.lock:
+                orphans = self.index.orphans()
+        ages = {kind: self.backend.list(kind) for kind in {k for k, _ in orphans}} if min_age_s > 0 else {}
+        for kind, key in orphans:
+            stat = ages.get(kind, {}).get(key)
+            if min_age_s > 0 and stat is not None and stat.age_s < min_age_s:
+                continue
+            self.backend.delete(kind, key)
+            with self.lock:
+                self.index.drop_blob((kind, key))
+            if kind == "block":
+                self.stats.blocks_collected += 1
+            else:
+                self.stats.slots_collected += 1
 
     def _scan(self) -> None:
-        """Index the sessions already on disk (a restart) from their headers and file times."""
-        files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
-        for path in files:
-            session_id = path.name[: -len(SUFFIX)]
-            meta = _read_metadata(path)
-            stat = path.stat()
-            entry = SessionEntry(session_id, int(meta.get("num_tokens", -1)), int(meta.get("num_checkpoints", -1)),
-                                 int(meta.get("nbytes", stat.st_size)), float(meta.get("created", stat.st_mtime)),
-                                 stat.st_mtime, on_disk=True)
-            self.index.entries[session_id] = entry
+        """Rebuild the index from the store: every manifest, every blob."""
+        entries = []
+        for sid, stat in self.backend.list("manifest").items():
+            data = self.backend.get("manifest", sid)
+            try:
+                manifest = Manifest.decode(data, sid)
+            except IntegrityError as e:
+                if data is not None:
+                    self._integrity_error(e)
+                continue
+            entries.append(SessionEntry(sid, len(manifest.tokens), len(manifest.blocks), manifest.logical_bytes,
+                                        manifest.created, manifest.updated, tuple(manifest.blocks), manifest.slot,
+                                        stat.size))
+        blobs = {(kind, key): stat.size for kind in ("block", "slot") for key, stat in self.backend.list(kind).items()}
+        with self.lock:
+            self.index.rebuild(entries, blobs)
+            self._mark_in_memory("")
+            for sid, meta in self._list_v1().items():
+                if sid not in self.index.entries:
+                    self.legacy[sid] = meta
+                    mtime = float(meta["mtime"])
+                    self.index.add(SessionEntry(sid, int(meta.get("num_tokens", -1)),
+                                                int(meta.get("num_checkpoints", -1)), int(meta.get("nbytes", 0)),
+                                                float(meta.get("created", mtime)), mtime))
 
-    def _write(self, session_id: str, state: SessionState) -> None:
-        tensors = state.tensors()
-        meta = {"format": FORMAT, "fingerprint": state.fingerprint, "checksum": checksum(tensors),
-                "num_tokens": str(len(state.tokens)), "num_checkpoints": str(state.num_checkpoints),
-                "nbytes": str(state.nbytes), "created": repr(state.created)}
-        final = self._path(session_id)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # never leave a half-written file behind
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    # --- sessions saved before the paged store -------------------------------------------------
+    def _list_v1(self) -> dict[str, dict[str, str]]:
+        root = getattr(self.backend, "root", None)
+        return legacy_v1.list_v1(root) if root is not None else {}
 
-    def _read(self, session_id: str) -> SessionState:
-        path = self._path(session_id) if self.directory is not None else None
+    def _convert_v1(self, session_id: str) -> SessionState | None:
+        """A v1 file under this id: read it, save it in the paged layout, then remove the file."""
+        root = getattr(self.backend, "root", None)
+        path = legacy_v1.v1_path(root, session_id) if root is not None else None
         if path is None or not path.is_file():
-            self.index.remove(session_id)
-            raise SessionError(f"session {session_id!r} was lost from disk", "not_found")
+            with self.lock:
+                self.index.remove(session_id)
+                self.memory.drop(session_id)
+            return None
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # safetensors raises several types on corrupt files
-            raise SessionError(f"session {session_id!r} is corrupt ({e})", "corrupt") from None
-        if meta.get("format") != FORMAT:
-            raise SessionError(f"session {session_id!r} has unknown format {meta.get('format')!r}", "corrupt")
-        if meta.get("checksum") != checksum(tensors):
-            raise SessionError(f"session {session_id!r} is corrupt (checksum mismatch)", "corrupt")
+            meta, tokens, blocks, slot = legacy_v1.read_v1(path)
+        except IntegrityError as e:
+            self._integrity_error(e, session_id)
+            return None  # the file stays for inspection; the session starts over
         if meta.get("fingerprint") != self.fingerprint:
-            raise SessionError(f"session {session_id!r} was saved by another model "
-                               f"({meta.get('fingerprint')}), not this one ({self.fingerprint})", "wrong_model")
-        return SessionState(
-            tokens=tensors.pop("tokens").tolist(),
-            blocks={k[len("block."):]: v for k, v in tensors.items() if k.startswith("block.")},
-            slot={k[len("slot."):]: v for k, v in tensors.items() if k.startswith("slot.")},
-            fingerprint=meta["fingerprint"], created=float(meta.get("created", time.time())))
+            raise SessionError(f"session {session_id!r} was saved by another model ({meta.get('fingerprint')}), "
+                               f"not this one ({self.fingerprint})", "wrong_model")
+        from .state_pool import segment_hashes  # the same keys the engine gives its blocks
+        n = blocks["ckpt"].shape[1] if blocks else 0
+        per_block = [{k: v[:, i].clone() for k, v in blocks.items()} for i in range(n)]
+        keys = [self.block_key(h) for h in segment_hashes(tokens[:n * self.segment_size], self.segment_size)] if n else []
+        if len(keys) != n:
+            self._integrity_error(IntegrityError(f"{path.name}: {n} checkpoints for {len(tokens)} tokens", "format"))
+            return None
+        self.put(session_id, tokens, keys, dict(zip(keys, per_block)), slot,
+                 created=float(meta.get("created", time.time()))).result()
+        path.unlink(missing_ok=True)  # only now: the paged copy is durable
+        self.legacy.pop(session_id, None)
+        self.stats.converted_v1 += 1
+        log.info("converted session %r from %s to the paged store", session_id, legacy_v1.FORMAT)
+        return SessionState(tokens, per_block, slot, self.fingerprint, float(meta.get("created", time.time())))
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _integrity_error(self, error: IntegrityError, session_id: str | None = None) -> None:
+        self.stats.integrity_errors[error.kind] += 1
+        where = f" (session {session_id!r} resumes from its last good checkpoint)" if session_id else ""
+        log.warning("session store integrity error: %s%s", error, where)
+
+    def _backend(self, fn, *args):
+        try:
+            return fn(*args)
+        except BackendError as e:
+            raise SessionError(str(e), "unavailable") from None
+
+    def close(self) -> None:
+        self.flush()
+        self._closed.set()
+        self.backend.close()
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:  # a corrupt file is still listed; reading it reports the damage
-        return {}
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

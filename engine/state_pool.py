@@ -15,6 +15,8 @@ cached (an LRU of unreferenced blocks) until its slot is needed; an unpublished 
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,15 +28,21 @@ class PoolExhausted(RuntimeError):
     """No free or evictable block is left in a tier."""
 
 
-def chain_hash(parent: int | None, segment_tokens: Sequence[int]) -> int:
-    """The prefix-reuse key of a segment: depends on every token before it, via `parent`."""
-    return hash((parent, tuple(segment_tokens)))
+def chain_hash(parent: str | None, segment_tokens: Sequence[int]) -> str:
+    """The prefix-reuse key of a segment: depends on every token before it, via `parent`.
+    A 128-bit BLAKE2b digest, the same in every process and on every machine, so it also
+    addresses the segment's checkpoint in a session store shared by replicas."""
+    h = hashlib.blake2b(bytes.fromhex(parent) if parent else b"", digest_size=16)
+    h.update(array("q", segment_tokens).tobytes())
+    return h.hexdigest()
 
 
-def segment_hashes(tokens: Sequence[int], segment_size: int) -> list[int]:
-    """Chained hashes of every *complete* segment of `tokens`."""
-    hashes, parent = [], None
-    for start in range(0, len(tokens) - segment_size + 1, segment_size):
+def segment_hashes(tokens: Sequence[int], segment_size: int, known: Sequence[str] = ()) -> list[str]:
+    """Chained hashes of every *complete* segment of `tokens`; `known` are the hashes of its
+    first segments, already computed (extended, not recomputed)."""
+    hashes = list(known)
+    parent = hashes[-1] if hashes else None
+    for start in range(len(hashes) * segment_size, len(tokens) - segment_size + 1, segment_size):
         parent = chain_hash(parent, tokens[start:start + segment_size])
         hashes.append(parent)
     return hashes
@@ -45,7 +53,7 @@ class Block:
     block_id: int
     tier: str
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: str | None = None
 
 
 class TierAllocator:
@@ -60,7 +68,7 @@ class TierAllocator:
         self.blocks = [Block(i, tier) for i in range(num_blocks)]
         self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, published; LRU first
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[str, int] = {}
         self.evictions = 0
 
     # --- counts ---------------------------------------------------------------------------
@@ -116,14 +124,14 @@ class TierAllocator:
                 self.free_ids.append(block_id)
 
     # --- prefix reuse ---------------------------------------------------------------------
-    def publish(self, block_id: int, block_hash: int) -> None:
+    def publish(self, block_id: int, block_hash: str) -> None:
         """Make a written block findable by its chain hash (first writer wins)."""
         block = self.blocks[block_id]
         if block.block_hash is None and block_hash not in self.by_hash:
             block.block_hash = block_hash
             self.by_hash[block_hash] = block_id
 
-    def lookup(self, hashes: Iterable[int]) -> list[int]:
+    def lookup(self, hashes: Iterable[str]) -> list[int]:
         """Block ids of the longest cached prefix of `hashes`, each shared (ref taken)."""
         found = []
         for h in hashes:
@@ -162,7 +170,7 @@ class StatePool:
     def device(self) -> TierAllocator:
         return self.tiers["device"]
 
-    def lookup_prefix(self, hashes: list[int]) -> list[int]:
+    def lookup_prefix(self, hashes: list[str]) -> list[int]:
         found = self.device.lookup(hashes)
         self.prefix_queries += len(hashes)
         self.prefix_hits += len(found)

@@ -1,0 +1,141 @@
+"""The session store's backends: where blocks, slots, manifests and leases live.
+
+One small interface, three implementations: memory (this process only), a local directory
+(`file_backend.py`) and Redis (`redis_backend.py`, shared by any number of replicas). Values are
+opaque bytes under (kind, key); the SessionStore decides what they mean. Kinds: "block", "slot",
+"manifest", "response".
+
+Durability: `put` and `put_new` replace or create a value atomically (a reader sees the old
+value or the new one, never a mix); after `barrier()` returns, every value put before it is on
+stable storage (fsync'd, or acknowledged by the server).
+
+Leases: `acquire_lease(name, owner, ttl_s)` takes or renews a lease that expires `ttl_s` after
+its last renewal unless released; it fails while another owner holds it. A crashed owner's
+leases run out by themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+KINDS = ("block", "slot", "manifest", "response")
+
+
+class BackendError(OSError):
+    """The backend cannot be reached or refused an operation."""
+
+
+@dataclass(frozen=True)
+class Stat:
+    size: int
+    age_s: float   # seconds since it was written or last touched
+
+
+class StoreBackend(ABC):
+    name = "abstract"
+    shared = False     # may other processes write the same store concurrently?
+
+    @abstractmethod
+    def get(self, kind: str, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def put(self, kind: str, key: str, data: bytes) -> None:
+        """Create or replace, atomically."""
+
+    @abstractmethod
+    def put_new(self, kind: str, key: str, data: bytes) -> bool:
+        """Create unless present (content-addressed values: the first writer wins); True if written."""
+
+    @abstractmethod
+    def touch(self, kind: str, key: str) -> bool:
+        """Whether the value exists; marks it recently used, so a collection spares it for a while."""
+
+    @abstractmethod
+    def delete(self, kind: str, key: str) -> None: ...
+
+    @abstractmethod
+    def list(self, kind: str) -> dict[str, Stat]: ...
+
+    def barrier(self) -> None:
+        """Everything put so far is on stable storage when this returns."""
+
+    @abstractmethod
+    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool: ...
+
+    @abstractmethod
+    def release_lease(self, name: str, owner: str) -> None: ...
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+
+class MemoryBackend(StoreBackend):
+    """This process only: sessions live as long as the server (no `--session-store`)."""
+
+    name = "memory"
+
+    def __init__(self):
+        self.values: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self.leases: dict[str, tuple[str, float]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, kind, key):
+        item = self.values.get((kind, key))
+        return item[0] if item else None
+
+    def put(self, kind, key, data):
+        self.values[(kind, key)] = (bytes(data), time.monotonic())
+
+    def put_new(self, kind, key, data):
+        with self.lock:
+            if (kind, key) in self.values:
+                return False
+            self.put(kind, key, data)
+            return True
+
+    def touch(self, kind, key):
+        with self.lock:
+            item = self.values.get((kind, key))
+            if item is not None:
+                self.values[(kind, key)] = (item[0], time.monotonic())
+            return item is not None
+
+    def delete(self, kind, key):
+        self.values.pop((kind, key), None)
+
+    def list(self, kind):
+        now = time.monotonic()
+        return {k: Stat(len(v), now - t) for (c, k), (v, t) in list(self.values.items()) if c == kind}
+
+    def acquire_lease(self, name, owner, ttl_s):
+        with self.lock:
+            held = self.leases.get(name)
+            if held is not None and held[0] != owner and held[1] > time.monotonic():
+                return False
+            self.leases[name] = (owner, time.monotonic() + ttl_s)
+            return True
+
+    def release_lease(self, name, owner):
+        with self.lock:
+            if self.leases.get(name, ("",))[0] == owner:
+                del self.leases[name]
+
+
+def open_backend(spec: str) -> StoreBackend:
+    """A backend from `--session-store`: "" (memory), a directory or file://DIR, or
+    redis://HOST:PORT/DB. Raises BackendError if it cannot be opened."""
+    if not spec:
+        return MemoryBackend()
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_backend import RedisBackend
+        return RedisBackend(spec)
+    if "://" in spec and not spec.startswith("file://"):
+        raise BackendError(f"session store {spec!r}: use a directory, file://DIR or redis://HOST:PORT/DB")
+    from .file_backend import FileBackend
+    return FileBackend(spec.removeprefix("file://"))

@@ -1,0 +1,94 @@
+"""A session store in Redis, shared by every replica that points at the same server.
+
+Keys: `mcserve:<kind>:<key>` (strings) and `mcserve:lease:<session>` (owner, with a TTL). A
+write is durable as far as the Redis server makes it (AOF with `appendfsync always` for a
+turn that survives the Redis host too; see deploy/). Leases are one SET NX PX, renewed and
+released by compare-and-set scripts, so only their owner can extend or drop them.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from .backend import BackendError, Stat, StoreBackend
+
+RENEW = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisBackend(StoreBackend):
+    name = "redis"
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "mcserve", timeout_s: float = 10.0):
+        self.url, self.prefix = url, prefix
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            self.client.ping()
+        except (redis.RedisError, ValueError) as e:
+            raise BackendError(f"session store {url}: {e}") from None
+        self._renew = self.client.register_script(RENEW)
+        self._release = self.client.register_script(RELEASE)
+
+    def describe(self) -> str:
+        return self.url
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.prefix}:{kind}:{key}"
+
+    def get(self, kind, key):
+        return self._do(self.client.get, self._key(kind, key))
+
+    def put(self, kind, key, data):
+        self._do(self.client.set, self._key(kind, key), data)
+
+    def put_new(self, kind, key, data):
+        return bool(self._do(self.client.set, self._key(kind, key), data, nx=True))
+
+    def touch(self, kind, key):
+        return bool(self._do(self.client.touch, self._key(kind, key)))
+
+    def delete(self, kind, key):
+        self._do(self.client.delete, self._key(kind, key))
+
+    def list(self, kind):
+        keys = self._do(lambda: list(self.client.scan_iter(match=self._key(kind, "*"), count=1000)))
+        if not keys:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.strlen(k)
+            pipe.object("idletime", k)
+        replies = self._do(pipe.execute, raise_on_error=False)
+        start = len(self._key(kind, ""))
+        found = {}
+        for i, k in enumerate(keys):
+            size, idle = replies[2 * i], replies[2 * i + 1]
+            if isinstance(size, int) and size > 0:  # 0: deleted since the scan
+                found[k.decode()[start:]] = Stat(size, float(idle) if isinstance(idle, int) else 0.0)
+        return found
+
+    def acquire_lease(self, name, owner, ttl_s):
+        return bool(self._do(self._renew, keys=[self._key("lease", name)], args=[owner, max(1, int(ttl_s * 1000))]))
+
+    def release_lease(self, name, owner):
+        self._do(self._release, keys=[self._key("lease", name)], args=[owner])
+
+    def close(self):
+        self.client.close()
+
+    def _do(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as e:
+            raise BackendError(f"session store {self.url}: {e}") from None
