@@ -151,6 +151,7 @@ class SessionStore:
         self.holds: Counter = Counter()      # session -> requests of this process holding its lease
         self.pending: Counter = Counter()    # session -> writes queued, not landed
         self.legacy: dict[str, dict[str, str]] = {}
+        self._seen_damage: set[str] = set()
         self.writer = StoreWriter()
         self._closed = threading.Event()
         self._scan()
@@ -261,7 +262,6 @@ class SessionStore:
             self.memory.put(manifest.session_id, CachedSession(digest, good, slot, tensors_nbytes(slot)), fresh)
             self._index_manifest(manifest, manifest_bytes)
             self.index.touch(manifest.session_id, time.time())
-            self._mark_in_memory(manifest.session_id)
         return self._state(manifest, slot, blocks)
 
     def _cached_blocks(self, manifest: Manifest) -> list[Tensors]:
@@ -382,15 +382,16 @@ class SessionStore:
         old = self.index.get(manifest.session_id)
         entry = SessionEntry(manifest.session_id, len(manifest.tokens), len(manifest.blocks), manifest.logical_bytes,
                              manifest.created, manifest.updated, tuple(manifest.blocks), manifest.slot,
-                             manifest_bytes, in_memory=self.memory.get(manifest.session_id) is not None)
+                             manifest_bytes)
         if old is not None:
             entry.last_used = max(entry.last_used, old.last_used)
         self.index.add(entry)
         return entry
 
-    def _mark_in_memory(self, session_id: str) -> None:
-        for sid, entry in self.index.entries.items():
-            entry.in_memory = sid in self.memory.sessions
+    def _with_tier(self, entry: SessionEntry | None) -> SessionEntry | None:
+        if entry is not None:
+            entry.in_memory = entry.session_id in self.memory.sessions
+        return entry
 
     def flush(self) -> None:
         """Wait until every write asked for so far has landed."""
@@ -436,13 +437,14 @@ class SessionStore:
             self.get(session_id)  # another replica may have written it
             with self.lock:
                 entry = self.index.get(session_id)
-        return entry
+        with self.lock:
+            return self._with_tier(entry)
 
     def list(self) -> list[SessionEntry]:
         if self.backend.shared:
             self.writer.submit(self._scan).result()
         with self.lock:
-            return list(self.index.entries.values())
+            return [self._with_tier(e) for e in self.index.entries.values()]
 
     # --- limits, collection ------------------------------------------------------------------
     def _enforce_limits(self) -> None:
@@ -499,7 +501,6 @@ class SessionStore:
         blobs = {(kind, key): stat.size for kind in ("block", "slot") for key, stat in self.backend.list(kind).items()}
         with self.lock:
             self.index.rebuild(entries, blobs)
-            self._mark_in_memory("")
             for sid, meta in self._list_v1().items():
                 if sid not in self.index.entries:
                     self.legacy[sid] = meta
@@ -547,6 +548,9 @@ class SessionStore:
 
     # --- helpers -----------------------------------------------------------------------------
     def _integrity_error(self, error: IntegrityError, session_id: str | None = None) -> None:
+        if str(error) in self._seen_damage:  # the same damage, found again (a scan, then a read)
+            return
+        self._seen_damage.add(str(error))
         self.stats.integrity_errors[error.kind] += 1
         where = f" (session {session_id!r} resumes from its last good checkpoint)" if session_id else ""
         log.warning("session store integrity error: %s%s", error, where)

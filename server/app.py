@@ -30,7 +30,7 @@ from .responses import responses_router
 from .streaming import chat_chunk, completion_chunk, sse, usage_body
 
 VERSION = "0.1.0"
-SESSION_STATUS = {"busy": 409, "not_found": 404, "corrupt": 409, "wrong_model": 409, "invalid_id": 400}
+SESSION_STATUS = {"busy": 409, "not_found": 404, "wrong_model": 409, "invalid_id": 400, "unavailable": 503}
 
 
 @dataclass
@@ -63,9 +63,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         if engine.step_error is not None:
             return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
         store = engine.engine.sessions
-        writer = store.writer if store is not None else None
-        if writer is not None and writer.errors:  # serving works, persistence does not
-            return {"status": "degraded", "session_write_errors": writer.errors[-3:]}
+        errors_seen = store.stats.write_errors if store is not None else []
+        if errors_seen:  # serving works, persistence does not
+            return {"status": "degraded", "session_write_errors": errors_seen[-3:]}
         return {"status": "ok"}
 
     @app.get("/version")

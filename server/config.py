@@ -16,7 +16,10 @@ class ServerConfig:
     model: str = ""                      # model directory; "" = the bundled model
     host: str = "127.0.0.1"
     port: int = 8000
-    session_dir: str = ""                # "" = sessions in memory only (lost on restart)
+    session_store: str = ""              # a directory, file://DIR or redis://HOST:PORT/DB; "" = memory only
+    session_dir: str = ""                # the older name of session_store (a directory)
+    session_durability: str = "sync"     # sync: a turn's response ends once its session is durable; async: write-behind
+    session_lease_s: float = 30.0        # a session's lease in the store, renewed while a request holds it
     api_key: str = ""                    # "" = no authentication
     served_model_name: str = ""          # "" = the model directory's name
     max_prompt_tokens: int = 65536
@@ -29,8 +32,8 @@ class ServerConfig:
     ckpt_dtype: str = "fp32"
     max_sessions_in_memory: int = 256
     max_session_memory_bytes: int = 2 << 30
-    max_sessions_on_disk: int = 100_000
-    max_session_disk_bytes: int = 64 << 30
+    max_sessions_on_disk: int = 100_000  # sessions in the session store (all replicas), LRU evicted
+    max_session_disk_bytes: int = 64 << 30  # physical bytes in the session store (shared blocks once)
     shutdown_grace_s: float = 30.0
     device: str = "auto"                 # auto (cuda if visible, else cpu), cpu, cuda, cuda:N
     kernels: str = "auto"                # decode/prefill on Triton kernels: auto (on CUDA), triton, torch
@@ -47,6 +50,16 @@ class ServerConfig:
             raise ServerConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.cuda_graphs not in ("on", "off"):
             raise ServerConfigError(f"cuda_graphs must be on or off, got {self.cuda_graphs!r}")
+        if self.session_durability not in ("sync", "async"):
+            raise ServerConfigError(f"session_durability must be sync or async, got {self.session_durability!r}")
+        if self.session_store and self.session_dir and self.session_store != self.session_dir:
+            raise ServerConfigError(f"session_store ({self.session_store!r}) and its alias session_dir "
+                                    f"({self.session_dir!r}) name different stores; give one")
+
+    @property
+    def store(self) -> str:
+        """Where sessions are kept ("" = this process's memory)."""
+        return self.session_store or self.session_dir
 
     def torch_device(self) -> str:
         """The device to load the model on; a CUDA device that is not there is a config error."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sessions import WRITE_BUCKETS
 
 P = "mcserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -53,32 +55,75 @@ class EngineCollector:
         swaps.add_metric(["swap_in"], sched.num_swapped_in)
         swaps.add_metric(["recompute"], sched.num_recomputed)
         if e.sessions is not None:
-            index = e.sessions.index
-            evictions.add_metric(["session_memory"], index.evictions["memory"])
-            evictions.add_metric(["session_disk"], index.evictions["disk"])
-            sessions = GaugeMetricFamily(P + "sessions", "Saved sessions by tier.", labels=["tier"])
-            session_bytes = GaugeMetricFamily(P + "session_bytes", "Bytes of saved sessions by tier.", labels=["tier"])
-            for tier in ("memory", "disk"):
-                sessions.add_metric([tier], index.count(tier))
-                session_bytes.add_metric([tier], index.nbytes(tier))
-            yield sessions
-            yield session_bytes
-            writer = e.sessions.writer
-            yield _counter("session_write_errors", "Session files that could not be written.",
-                           len(writer.errors) if writer is not None else 0)
+            yield from store_metrics(e.sessions, evictions)
         yield evictions
         yield swaps
 
 
-def _gauge(name, doc, value):
-    g = GaugeMetricFamily(P + name, doc)
-    g.add_metric([], value)
+def store_metrics(store, evictions: CounterMetricFamily):
+    """The session store: sessions and bytes by tier, the store's physical and logical bytes
+    (their ratio is what sharing blocks saves), blocks, writes, integrity errors, collection."""
+    backend = store.backend.name
+    with store.lock:
+        index, memory, stats = store.index, store.memory, store.stats
+        physical, logical = index.physical_bytes, index.logical_bytes
+        sessions = {"memory": len(memory.sessions), "store": index.num_sessions}
+        session_bytes = {"memory": memory.nbytes, "store": physical}
+        blocks, slots = index.num_blobs("block"), index.num_blobs("slot")
+    evictions.add_metric(["session_memory"], memory.evictions)
+    evictions.add_metric(["session_store"], stats.evictions["store"])
+    by_tier = GaugeMetricFamily(P + "sessions", "Saved sessions by tier (memory: cached in this process).",
+                                labels=["tier"])
+    bytes_by_tier = GaugeMetricFamily(P + "session_bytes", "Bytes of saved sessions by tier.", labels=["tier"])
+    for tier in ("memory", "store"):
+        by_tier.add_metric([tier], sessions[tier])
+        bytes_by_tier.add_metric([tier], session_bytes[tier])
+    yield by_tier
+    yield bytes_by_tier
+    store_bytes = GaugeMetricFamily(P + "session_store_bytes", "Bytes in the session store: physical (each "
+                                    "shared block once) and logical (as if nothing were shared).",
+                                    labels=["backend", "kind"])
+    store_bytes.add_metric([backend, "physical"], physical)
+    store_bytes.add_metric([backend, "logical"], logical)
+    yield store_bytes
+    yield _gauge("session_store_dedup_ratio", "Logical over physical bytes of the session store.",
+                 logical / physical if physical else 1.0, backend=backend)
+    blobs = GaugeMetricFamily(P + "session_store_blobs", "Blobs in the session store.", labels=["backend", "kind"])
+    blobs.add_metric([backend, "block"], blocks)
+    blobs.add_metric([backend, "slot"], slots)
+    yield blobs
+    yield _counter("session_store_written_bytes", "Bytes this server wrote to the session store.",
+                   stats.bytes_written, backend=backend)
+    collected = CounterMetricFamily(P + "session_store_collected", "Unreferenced blobs collected.", labels=["kind"])
+    collected.add_metric(["block"], stats.blocks_collected)
+    collected.add_metric(["slot"], stats.slots_collected)
+    yield collected
+    integrity = CounterMetricFamily(P + "session_store_integrity_errors", "Stored blocks, slots or manifests that "
+                                    "failed their checks (the session resumed from its last good checkpoint).",
+                                    labels=["kind"])
+    for kind in ("missing", "truncated", "checksum", "format", "mismatch"):
+        integrity.add_metric([kind], stats.integrity_errors[kind])
+    yield integrity
+    yield _counter("session_write_errors", "Session turns that could not be saved.", len(stats.write_errors))
+    hist = HistogramMetricFamily(P + "session_store_write_seconds", "Time to make one session turn durable "
+                                 "(its blocks, slot and manifest).", labels=["backend"])
+    cumulative, buckets = 0, []
+    for bound, n in zip((*WRITE_BUCKETS, float("inf")), stats.write_seconds):
+        cumulative += n
+        buckets.append((floatToGoString(bound), cumulative))
+    hist.add_metric([backend], buckets, stats.write_seconds_sum)
+    yield hist
+
+
+def _gauge(name, doc, value, **labels):
+    g = GaugeMetricFamily(P + name, doc, labels=list(labels))
+    g.add_metric(list(labels.values()), value)
     return g
 
 
-def _counter(name, doc, value):
-    c = CounterMetricFamily(P + name, doc)
-    c.add_metric([], value)
+def _counter(name, doc, value, **labels):
+    c = CounterMetricFamily(P + name, doc, labels=list(labels))
+    c.add_metric(list(labels.values()), value)
     return c
 
 

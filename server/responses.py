@@ -8,66 +8,74 @@ so the previous response stays reusable. `store: false` saves nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
+import re
 import secrets
 import time
-from pathlib import Path
+from collections import OrderedDict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.params import SamplingParams
+from engine.store.backend import MemoryBackend, StoreBackend
 
 from . import errors
 from .protocol import ResponsesRequest
 
+RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{24}$")
+
 
 class ResponseStore:
-    """Stored responses' conversations: in memory, and as JSON files next to the sessions."""
+    """Stored responses' conversations, as JSON in the session store's backend (kind "response"),
+    so that any replica sharing the store can continue from them; a small LRU in front."""
 
-    def __init__(self, directory: str | None):
-        self.directory = Path(directory) / "responses" if directory else None
-        self.records: dict[str, dict] = {}
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+    CACHED = 1024
+
+    def __init__(self, backend: StoreBackend):
+        self.backend = backend
+        self.records: OrderedDict[str, dict] = OrderedDict()
 
     def get(self, response_id: str) -> dict | None:
-        if response_id in self.records:
-            return self.records[response_id]
-        path = self._path(response_id)
-        if path is not None and path.is_file():
-            self.records[response_id] = json.loads(path.read_text())
-            return self.records[response_id]
-        return None
+        if not RESPONSE_ID.match(response_id):
+            return None
+        record = self.records.get(response_id)
+        if record is None:
+            data = self.backend.get("response", response_id)
+            if data is None:
+                return None
+            record = json.loads(data)
+        self._remember(response_id, record)
+        return record
 
     def put(self, response_id: str, record: dict) -> None:
-        self.records[response_id] = record
-        path = self._path(response_id)
-        if path is not None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
+        """Durable on return, like a session turn."""
+        self.backend.put("response", response_id, json.dumps(record).encode())
+        self.backend.barrier()
+        self._remember(response_id, record)
 
-    def _path(self, response_id: str) -> Path | None:
-        if self.directory is None or not response_id.replace("_", "").isalnum():
-            return None
-        return self.directory / f"{response_id}.json"
+    def _remember(self, response_id: str, record: dict) -> None:
+        self.records[response_id] = record
+        self.records.move_to_end(response_id)
+        while len(self.records) > self.CACHED:
+            self.records.popitem(last=False)
 
 
 def responses_router(state) -> APIRouter:
     from .app import abort_on_disconnect, check_model, gather_unless_disconnected, start  # noqa: PLC0415
 
     router = APIRouter()
-    store = ResponseStore(state.config.session_dir or None)
-    sessions_enabled = state.engine.engine.sessions is not None
+    sessions = state.engine.engine.sessions
+    store = ResponseStore(sessions.backend if sessions is not None else MemoryBackend())
+    sessions_enabled = sessions is not None
 
     @router.post("/v1/responses")
     async def create(body: ResponsesRequest, request: Request):
         check_model(state, body.model)
         history: list[dict] = []
         if body.previous_response_id:
-            previous = store.get(body.previous_response_id)
+            previous = await asyncio.to_thread(store.get, body.previous_response_id)
             if previous is None:
                 raise errors.APIError(404, f"no stored response {body.previous_response_id!r}",
                                       param="previous_response_id", code="previous_response_not_found")
@@ -87,22 +95,22 @@ def responses_router(state) -> APIRouter:
         stream = await start(state, prompt_ids, params, 1, rid if saving else None, rid, resume_from)
         created = int(time.time())
 
-        def finish(text: str, result) -> dict:
+        async def finish(text: str, result) -> dict:
             response = response_object(rid, created, state.model_name, body, text, result, len(prompt_ids))
             if body.store:
-                store.put(rid, {"messages": conversation + [{"role": "assistant", "content": text}],
-                                "response": response})
+                record = {"messages": conversation + [{"role": "assistant", "content": text}], "response": response}
+                await asyncio.to_thread(store.put, rid, record)
             return response
 
         if body.stream:
             events = stream_events(state, stream, rid, created, body, finish)
             return StreamingResponse(abort_on_disconnect(state, rid, events), media_type="text/event-stream")
         results = await gather_unless_disconnected(request, state, rid, stream)
-        return JSONResponse(finish(results[0].text, results[0]))
+        return JSONResponse(await finish(results[0].text, results[0]))
 
     @router.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str):
-        record = store.get(response_id)
+        record = await asyncio.to_thread(store.get, response_id)
         if record is None:
             raise errors.APIError(404, f"no stored response {response_id!r}", code="response_not_found")
         return record["response"]
@@ -160,6 +168,6 @@ async def stream_events(state, stream, rid, created, body, finish):
     yield event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part)
     yield event("response.output_item.done", output_index=0,
                 item={**item, "status": "completed", "content": [part]})
-    response = finish(text, result)
+    response = await finish(text, result)
     yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                 response=response)

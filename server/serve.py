@@ -14,6 +14,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.session_index import SessionLimits
 from engine.sessions import SessionStore
+from engine.store.backend import open_backend
 
 from .app import build_app
 from .config import ServerConfig
@@ -29,7 +30,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         cuda_graphs=config.cuda_graphs == "on")
     limits = SessionLimits(config.max_sessions_in_memory, config.max_session_memory_bytes,
                            config.max_sessions_on_disk, config.max_session_disk_bytes)
-    store = SessionStore(model.fingerprint, config.session_dir or None, limits)
+    store = SessionStore(model.fingerprint, open_backend(config.store), limits, ckpt_dtype=config.ckpt_dtype,
+                         durability=config.session_durability, lease_s=config.session_lease_s)
     engine = AsyncEngine(LLMEngine(model, engine_config, store))
     return build_app(engine, config, config.served_model_name or model_dir.name)
 

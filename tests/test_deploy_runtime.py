@@ -88,7 +88,7 @@ def test_image_entrypoint_serves_and_drains(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (tmp_path / "sessions" / "entrypoint.session.safetensors").is_file()
+    assert (tmp_path / "sessions" / "manifests" / "entrypoint.json").is_file()
     check = subprocess.run(healthcheck_command(ins), env=env, capture_output=True, text=True, timeout=30)
     assert check.returncode != 0, "the HEALTHCHECK must fail when the server is down"
 
@@ -152,10 +152,10 @@ def test_prometheus_reads_back_the_memory_cache_metrics(server, prometheus):
 
     def value(name, **labels):
         return expected[(name, tuple(sorted(labels.items())))]
-    # disk is write-through (every saved session), memory an LRU cache of one session here
-    assert value("mcserve:sessions", tier="memory") == 1 and value("mcserve:sessions", tier="disk") == 2
+    # the store holds every saved session, memory an LRU cache of one session here
+    assert value("mcserve:sessions", tier="memory") == 1 and value("mcserve:sessions", tier="store") == 2
     assert value("mcserve:evictions_total", kind="session_memory") == 1
-    assert value("mcserve:session_bytes", tier="disk") > 0
+    assert value("mcserve:session_bytes", tier="store") > 0
     assert value("mcserve:checkpoint_blocks", tier="device", state="cached") > 0
     assert value("mcserve:checkpoint_bytes", tier="device", state="cached") > 0
     assert {k: v for k, v in scrape(server).items() if k[0] in MEMORY_CACHE} == expected  # still idle

@@ -104,7 +104,7 @@ def test_sessions_across_turns_and_endpoints(client, server):
     listed = httpx.get(server + "/v1/sessions").json()["data"]
     assert "conv-1" in [s["id"] for s in listed]
     info = httpx.get(server + "/v1/sessions/conv-1").json()
-    assert info["tokens"] > 0 and info["bytes"] > 0 and info["tier"] in ("memory", "disk")
+    assert info["tokens"] > 0 and info["bytes"] > 0 and info["tier"] in ("memory", "store")
     assert httpx.delete(server + "/v1/sessions/conv-1").json()["deleted"] is True
     gone = httpx.get(server + "/v1/sessions/conv-1")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "session_not_found"
@@ -215,7 +215,7 @@ def test_metrics_move_with_requests(server, client):
     assert metric(after, 'mcserve:checkpoint_blocks{state="free",tier="device"}') > 0
     for name in ("mcserve:num_requests_waiting", "mcserve:cached_checkpoints", "mcserve:prefix_cache_queries_total",
                  "mcserve:inter_token_latency_seconds_count", "mcserve:request_queue_time_seconds_count",
-                 'mcserve:checkpoint_bytes{state="used",tier="host"}', 'mcserve:session_bytes{tier="disk"}',
+                 'mcserve:checkpoint_bytes{state="used",tier="host"}', 'mcserve:session_bytes{tier="store"}',
                  'mcserve:evictions_total{kind="checkpoint_block"}', 'mcserve:preemptions_total{kind="swap_out"}'):
         metric(after, name)
     assert json.loads(json.dumps(after)) == after  # plain text exposition

@@ -1,5 +1,7 @@
-"""Persistent sessions: resume equals uninterrupted generation, from memory and from disk, after
-a divergence, a crash; bad files fail alone; the index evicts by its limits."""
+"""Persistent sessions on the paged store: resume equals uninterrupted generation, from memory
+and from the store, after a divergence, a crash; blocks are shared between sessions and only
+new ones are written; damage resumes from the longest good prefix; v1 files convert; the store
+evicts whole sessions by its limits."""
 
 import os
 import signal
@@ -15,6 +17,7 @@ from engine.params import SamplingParams
 from engine.session_index import SessionError, SessionLimits
 from engine.sessions import SessionStore
 from tests.helpers import tiny_model
+from tests.legacy_v1_writer import write_v1
 
 GREEDY = SamplingParams(max_tokens=7, temperature=0.0)
 CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, num_device_blocks=64, num_host_blocks=16,
@@ -26,8 +29,8 @@ def model():
     return tiny_model(memory="gla", aggregation="grm")
 
 
-def engine_for(model, directory=None, limits=None):
-    return LLMEngine(model, CONFIG, SessionStore(model.fingerprint, directory, limits))
+def engine_for(model, directory=None, limits=None, **options):
+    return LLMEngine(model, CONFIG, SessionStore(model.fingerprint, directory, limits, **options))
 
 
 def run(engine, prompt, session_id=None, params=GREEDY):
@@ -41,26 +44,52 @@ def fresh_output(model, prompt, params=GREEDY):
     return run(LLMEngine(model, CONFIG), prompt, params=params).output_ids
 
 
+def files(directory, kind):
+    return sorted(p for p in (directory / kind).rglob("*") if p.is_file())
+
+
 P1 = [(7 * i) % 61 for i in range(13)]
 USER2 = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
-def test_resume_from_memory_and_from_disk_equals_uninterrupted(model, tmp_path):
+def test_resume_from_memory_and_from_the_store_equals_uninterrupted(model, tmp_path):
     engine = engine_for(model, tmp_path)
     turn1 = run(engine, P1, "chat")
     p2 = P1 + turn1.output_ids + USER2
     turn2 = run(engine, p2, "chat")
     assert turn2.num_reused_tokens == len(P1) + len(turn1.output_ids) - 1  # all but the last sampled
     assert turn2.output_ids == fresh_output(model, p2)
-    # Tear the engine down; a new one finds the session on disk.
+    # Tear the engine down; a new one finds the session in the directory.
     p3 = p2 + turn2.output_ids + USER2
-    engine.sessions.flush()  # as shutdown does
+    engine.sessions.flush()
     engine = engine_for(model, tmp_path)
     assert [e.session_id for e in engine.sessions.list()] == ["chat"]
     turn3 = run(engine, p3, "chat")
     assert turn3.num_reused_tokens == len(p2) + len(turn2.output_ids) - 1
     assert turn3.output_ids == fresh_output(model, p3)
     assert engine.pool_usage()["device_used"] == 0
+
+
+def test_a_turn_writes_only_its_new_blocks_and_sessions_share_a_prefix(model, tmp_path):
+    engine = engine_for(model, tmp_path)
+    stats = engine.sessions.stats
+    turn1 = run(engine, P1, "a")
+    engine.sessions.flush()
+    first = stats.blocks_written
+    assert first == (len(P1) + len(turn1.output_ids) - 1) // 5 == len(files(tmp_path, "blocks"))
+    run(engine, P1 + turn1.output_ids + USER2, "a")
+    engine.sessions.flush()
+    read = len(P1) + len(turn1.output_ids) + len(USER2) + 6
+    assert stats.blocks_written == read // 5  # the first turn's blocks were not written again
+    # Another session with the same first 13 tokens shares their two blocks, in memory and on disk.
+    before = len(files(tmp_path, "blocks"))
+    run(engine, P1 + [9, 9, 9], "b")
+    engine.sessions.flush()
+    # 22 tokens read: 4 blocks, of which the first two (tokens 0-9) were already stored.
+    assert len(files(tmp_path, "blocks")) == before + 2
+    assert len(files(tmp_path, "manifests")) == 2 and len(files(tmp_path, "slots")) == 2
+    references = sum(len(e.blocks) for e in engine.sessions.list())
+    assert references == len(files(tmp_path, "blocks")) + 2
 
 
 def test_divergent_prompt_restarts_from_the_checkpoint_before_it(model, tmp_path):
@@ -97,45 +126,102 @@ def test_abort_saves_what_was_read(model):
     assert engine.pool_usage()["device_used"] == 0
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "wrong_model"])
-def test_a_bad_session_file_fails_alone(model, tmp_path, damage):
+def test_a_durable_turn_is_on_disk_when_its_output_is_final(model, tmp_path):
     engine = engine_for(model, tmp_path)
-    run(engine, P1, "good")
-    run(engine, P1, "bad")
+    seq = engine.add_request(P1, GREEDY, session_id="d")
+    finals = []
+    while engine.has_unfinished():
+        finals += [o for o in engine.step() if o.finished]
+    assert finals[0].persisted is not None
+    entry = finals[0].persisted.result(timeout=30)
+    assert entry.num_tokens == seq.num_computed_tokens and (tmp_path / "manifests" / "d.json").is_file()
+    lazy = engine_for(model, tmp_path / "async", durability="async")
+    seq = lazy.add_request(P1, GREEDY, session_id="d")
+    while lazy.has_unfinished():
+        assert all(o.persisted is None for o in lazy.step())
+
+
+DAMAGE = ["block_truncated", "block_flipped", "block_missing", "slot_flipped", "manifest_flipped"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damage_resumes_from_the_longest_good_prefix(model, tmp_path, damage):
+    engine = engine_for(model, tmp_path)
+    turn1 = run(engine, P1 + USER2, "bad")        # 21 tokens read (+6 sampled): 5 blocks
+    run(engine, [1] + P1 + USER2, "good")    # shares no block with "bad"
     engine.sessions.flush()
-    path = tmp_path / "bad.session.safetensors"
-    data = bytearray(path.read_bytes())
-    if damage == "truncate":
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    elif damage == "flip":
-        data[-5] ^= 0xFF
-        path.write_bytes(bytes(data))
-    fingerprint = "someone-else" if damage == "wrong_model" else model.fingerprint
-    engine = LLMEngine(model, CONFIG, SessionStore(fingerprint, tmp_path))
+    blocks = engine.sessions.index.get("bad").blocks
+    manifest = tmp_path / "manifests" / "bad.json"
+    slot = tmp_path / "slots" / engine.sessions.index.get("bad").slot
+    target = {"block": engine.sessions.backend.path("block", blocks[2]), "slot": slot,
+              "manifest": manifest}[damage.split("_")[0]]
+    data = bytearray(target.read_bytes())
+    if damage.endswith("truncated"):
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage.endswith("flipped"):
+        data[-3] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    engine = engine_for(model, tmp_path)  # a restart: nothing in memory
+    p2 = P1 + USER2 + turn1.output_ids + USER2
+    seq = run(engine, p2, "bad")
+    good_blocks = {"block": 2, "slot": 5, "manifest": 0}[damage.split("_")[0]]
+    assert seq.num_reused_tokens == good_blocks * 5
+    assert seq.output_ids == fresh_output(model, p2)  # never a wrong answer
+    assert sum(engine.sessions.stats.integrity_errors.values()) == 1
+    engine.sessions.flush()
+    seq = run(engine, [1] + P1 + USER2 + [1, 2], "good")   # the others keep working
+    assert seq.num_reused_tokens == 20
+
+
+def test_a_session_of_another_model_is_refused(model, tmp_path):
+    mine = engine_for(model, tmp_path)
+    run(mine, P1, "mine")
+    mine.sessions.flush()
+    other = tiny_model(seed=5, memory="gla", aggregation="grm")
+    engine = LLMEngine(other, CONFIG, SessionStore(other.fingerprint, tmp_path))
     with pytest.raises(SessionError) as err:
-        engine.add_request(P1 + USER2, GREEDY, session_id="bad")
-    assert err.value.code == ("wrong_model" if damage == "wrong_model" else "corrupt")
-    if damage != "wrong_model":
-        seq = run(engine, P1 + USER2, "good")  # the others keep working
-        assert seq.num_reused_tokens > 0 and seq.output_ids == fresh_output(model, P1 + USER2)
+        engine.add_request(P1 + USER2, GREEDY, session_id="mine")
+    assert err.value.code == "wrong_model"
+
+
+def test_a_v1_session_file_is_converted_on_first_use(model, tmp_path):
+    old = LLMEngine(model, CONFIG, SessionStore(model.fingerprint))
+    seq = run(old, P1 + USER2, "legacy")
+    # The state as the v1 store saved it: every block and the slot, in one file.
+    saved = old.sessions.get("legacy")
+    from engine.sessions import stack_blocks
+    write_v1(tmp_path, "legacy", saved.tokens, stack_blocks(saved.blocks), saved.slot, model.fingerprint)
+    engine = engine_for(model, tmp_path)
+    assert [e.session_id for e in engine.sessions.list()] == ["legacy"]
+    p2 = P1 + USER2 + seq.output_ids + USER2
+    turn2 = run(engine, p2, "legacy")
+    assert turn2.num_reused_tokens == len(saved.tokens) and turn2.output_ids == fresh_output(model, p2)
+    engine.sessions.flush()
+    assert not list(tmp_path.glob("*.session.safetensors")) and (tmp_path / "manifests" / "legacy.json").is_file()
+    assert engine.sessions.stats.converted_v1 == 1
 
 
 def test_saved_session_survives_kill_9(model, tmp_path):
     # A separate process builds the same tiny model (same seed, same fingerprint), saves a
-    # session, and is killed with SIGKILL while idle.
+    # session, and is killed with SIGKILL as soon as the turn's output is final.
     script = textwrap.dedent(f"""
-        import sys, time, torch
+        import sys
         sys.path.insert(0, {os.getcwd()!r})
-        from tests.test_sessions import CONFIG, GREEDY, P1, run
+        from tests.test_sessions import CONFIG, GREEDY, P1
         from tests.helpers import tiny_model
         from engine.llm_engine import LLMEngine
         from engine.sessions import SessionStore
         model = tiny_model(memory="gla", aggregation="grm")
         engine = LLMEngine(model, CONFIG, SessionStore(model.fingerprint, {str(tmp_path / 'sessions')!r}))
-        seq = run(engine, P1, "crash")
-        engine.sessions.flush()  # the write has landed: from here on it must survive anything
+        seq = engine.add_request(P1, GREEDY, session_id="crash")
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    out.persisted.result()  # what the server waits for before the response ends
         print("saved", *seq.output_ids, flush=True)
-        time.sleep(60)
+        import time; time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().split()
@@ -150,29 +236,55 @@ def test_saved_session_survives_kill_9(model, tmp_path):
     assert seq.output_ids == fresh_output(model, p2)
 
 
-def test_memory_tier_evicts_to_disk_and_disk_tier_evicts_lru(model, tmp_path):
-    limits = SessionLimits(max_memory_sessions=2, max_disk_sessions=3)
+def test_memory_tier_and_store_limits_evict_least_recently_used(model, tmp_path):
+    limits = SessionLimits(max_memory_sessions=2, max_store_sessions=3)
     engine = engine_for(model, tmp_path, limits)
     for name in ["s1", "s2", "s3", "s4"]:
-        run(engine, P1, name)
+        run(engine, [ord(name[1]) % 61] + P1, name)
     store = engine.sessions
-    assert sorted(store.memory) == ["s3", "s4"]
-    assert sorted(e.session_id for e in store.list()) == ["s2", "s3", "s4"]  # s1: LRU, dropped
-    assert store.index.evictions["disk"] == 1 and store.index.evictions["memory"] >= 2
-    assert {e.session_id: e.tier for e in store.list()} == {"s2": "disk", "s3": "memory", "s4": "memory"}
+    store.flush()
+    assert sorted(store.memory.sessions) == ["s3", "s4"]
+    assert sorted(e.session_id for e in store.list()) == ["s2", "s3", "s4"]  # s1: LRU, evicted
+    assert store.stats.evictions["store"] == 1 and store.memory.evictions >= 2
+    assert not (tmp_path / "manifests" / "s1.json").exists()
+    assert len(files(tmp_path, "blocks")) == 3 * 4  # s1's blocks were collected (each session has 4)
+    assert {e.session_id: e.tier for e in store.list()} == {"s2": "store", "s3": "memory", "s4": "memory"}
     assert store.get("s2") is not None and store.delete("s2") and store.get("s2") is None
+    assert len(files(tmp_path, "blocks")) == 2 * 4 and len(files(tmp_path, "slots")) == 2
     with pytest.raises(SessionError, match="session id must be"):
         store.get("../etc/passwd")
 
 
 def test_a_failed_session_write_is_reported_not_fatal(model, tmp_path):
     engine = engine_for(model, tmp_path)
-    (tmp_path / "blocked.session.safetensors").mkdir()  # the rename onto it must fail
-    run(engine, P1, "blocked")
-    engine.sessions.flush()
-    assert engine.sessions.writer.errors and "blocked" in engine.sessions.writer.errors[-1]
-    assert not list(tmp_path.glob("*.tmp"))  # no half-written file left behind
-    assert engine.sessions.get("blocked") is not None  # still served from memory
+    (tmp_path / "manifests" / "blocked.json").mkdir()  # the rename onto it must fail
+    seq = engine.add_request(P1, GREEDY, session_id="blocked")
+    finals = []
+    while engine.has_unfinished():
+        finals += [o for o in engine.step() if o.finished]
+    with pytest.raises(OSError):
+        finals[0].persisted.result(timeout=30)
+    assert engine.sessions.stats.write_errors and "blocked" in engine.sessions.stats.write_errors[-1]
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left behind
+    assert seq.output_ids  # the turn itself was answered
     run(engine, P1, "fine")  # and the engine goes on
     engine.sessions.flush()
-    assert (tmp_path / "fine.session.safetensors").is_file()
+    assert (tmp_path / "manifests" / "fine.json").is_file()
+
+
+def test_two_stores_on_one_directory_never_advance_a_session_at_once(model, tmp_path):
+    a = SessionStore(model.fingerprint, tmp_path, lease_s=0.6)
+    b = SessionStore(model.fingerprint, tmp_path, lease_s=0.6)
+    a.acquire("x")
+    with pytest.raises(SessionError) as err:
+        b.acquire("x")
+    assert err.value.code == "busy"
+    a.release("x")
+    a.flush()
+    b.acquire("x")            # free once released
+    b._closed.set()           # b "crashes": its lease is no longer renewed
+    with pytest.raises(SessionError):
+        a.acquire("x")
+    import time
+    time.sleep(0.8)
+    a.acquire("x")            # ...and runs out by itself

@@ -51,7 +51,7 @@ class FileBackend(StoreBackend):
     def get(self, kind, key):
         try:
             return self.path(kind, key).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
     def put(self, kind, key, data):

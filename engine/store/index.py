@@ -34,7 +34,7 @@ class SessionEntry:
     blocks: tuple[str, ...] = ()
     slot: str | None = None
     manifest_bytes: int = 0
-    in_memory: bool = False
+    in_memory: bool = False               # set by the store when it lists
 
     @property
     def tier(self) -> str:
@@ -129,8 +129,6 @@ class StoreIndex:
 
     def rebuild(self, entries: Iterable[SessionEntry], blobs: dict[Ref, int]) -> None:
         """Start over from a scan of the store (startup, a collection)."""
-        memory = {sid for sid, e in self.entries.items() if e.in_memory}
         self.entries, self.blobs, self.refs = OrderedDict(), dict(blobs), Counter()
         for entry in sorted(entries, key=lambda e: e.last_used):
-            entry.in_memory = entry.session_id in memory
             self.add(entry)
