@@ -288,3 +288,25 @@ def test_two_stores_on_one_directory_never_advance_a_session_at_once(model, tmp_
     import time
     time.sleep(0.8)
     a.acquire("x")            # ...and runs out by itself
+
+
+def test_two_replicas_on_one_redis_continue_each_others_sessions(model, tmp_path):
+    from tests.redis_helpers import redis_server
+    with redis_server(tmp_path) as url:
+        a, b = engine_for(model, url), engine_for(model, url)
+        turn1 = run(a, P1, "shared")
+        a.sessions.flush()
+        p2 = P1 + turn1.output_ids + USER2
+        turn2 = run(b, p2, "shared")                 # the next turn, on the other replica
+        assert turn2.num_reused_tokens == len(P1) + len(turn1.output_ids) - 1
+        assert turn2.output_ids == fresh_output(model, p2)
+        b.sessions.flush()
+        p3 = p2 + turn2.output_ids + USER2
+        turn3 = run(a, p3, "shared")                 # a's cached copy is stale: it reads b's turn
+        assert turn3.num_reused_tokens == len(p2) + len(turn2.output_ids) - 1
+        assert turn3.output_ids == fresh_output(model, p3)
+        a.add_request(p3, GREEDY, session_id="held")
+        with pytest.raises(SessionError) as err:     # held by a: b must not advance it meanwhile
+            b.add_request(p3, GREEDY, session_id="held")
+        assert err.value.code == "busy"
+        assert sorted(e.session_id for e in b.sessions.list()) == ["shared"]

@@ -1,0 +1,97 @@
+"""The session store's backends behind one interface (memory, a directory, a real Redis), and
+the codec of what they hold: checksummed blobs and manifests."""
+
+import time
+
+import pytest
+import torch
+
+from engine.store.backend import BackendError, open_backend
+from engine.store.codec import IntegrityError, Manifest, decode_blob, encode_blob
+from tests.redis_helpers import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def backend(request, tmp_path):
+    if request.param == "redis":
+        b = open_backend(request.getfixturevalue("redis_url"))
+        b.client.flushdb()
+    else:
+        b = open_backend(str(tmp_path / "store") if request.param == "file" else "")
+    yield b
+    b.close()
+
+
+def test_values_put_get_delete_list(backend):
+    assert backend.get("block", "k1") is None
+    backend.put("manifest", "s1", b"one")
+    backend.put("manifest", "s1", b"two")          # replaced
+    assert backend.put_new("block", "k1", b"abc")
+    assert not backend.put_new("block", "k1", b"xyz")  # the first writer wins
+    backend.barrier()
+    assert backend.get("manifest", "s1") == b"two" and backend.get("block", "k1") == b"abc"
+    assert backend.touch("block", "k1") and not backend.touch("block", "nope")
+    assert {k: s.size for k, s in backend.list("block").items()} == {"k1": 3}
+    assert set(backend.list("manifest")) == {"s1"} and backend.list("slot") == {}
+    backend.delete("block", "k1")
+    backend.delete("block", "k1")                 # deleting twice is fine
+    assert backend.get("block", "k1") is None and backend.list("block") == {}
+
+
+def test_leases_exclude_other_owners_until_released_or_expired(backend):
+    assert backend.acquire_lease("s", "a", 0.5)
+    assert backend.acquire_lease("s", "a", 0.5)   # a renewal
+    assert not backend.acquire_lease("s", "b", 0.5)
+    backend.release_lease("s", "b")               # not b's to release
+    assert not backend.acquire_lease("s", "b", 0.5)
+    backend.release_lease("s", "a")
+    assert backend.acquire_lease("s", "b", 0.3)
+    time.sleep(0.5)
+    assert backend.acquire_lease("s", "a", 0.5)   # b's ran out
+
+
+def test_bad_store_specs_are_clear_errors(tmp_path):
+    with pytest.raises(BackendError, match="use a directory"):
+        open_backend("s3://bucket")
+    with pytest.raises(BackendError, match="redis://127.0.0.1:1/0"):
+        open_backend("redis://127.0.0.1:1/0")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BackendError, match="cannot be created"):
+        open_backend(str(tmp_path / "file" / "store"))
+
+
+def test_blobs_detect_damage_and_misplacement():
+    tensors = {"ckpt": torch.randn(2, 3, 4), "summary": torch.randn(2, 3)}
+    blob = encode_blob(tensors, {"kind": "block", "key": "k"})
+    back = decode_blob(blob, {"kind": "block", "key": "k"})
+    assert all(torch.equal(back[n], tensors[n]) for n in tensors)
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    cases = {"checksum": bytes(flipped), "truncated": blob[:20], "missing": None}
+    for kind, data in cases.items():
+        with pytest.raises(IntegrityError) as err:
+            decode_blob(data, {"kind": "block", "key": "k"})
+        assert err.value.kind == kind
+    with pytest.raises(IntegrityError) as err:
+        decode_blob(blob, {"kind": "block", "key": "other"})
+    assert err.value.kind == "mismatch"
+
+
+def test_manifests_round_trip_and_detect_damage():
+    m = Manifest("s", "fp", "fp32", [1, 2, 70000], ["b0"], "s.x", 123, 1.0, 2.0)
+    data = m.encode()
+    assert Manifest.decode(data, "s") == m
+    with pytest.raises(IntegrityError, match="checksum"):
+        Manifest.decode(data.replace(b'"fp32"', b'"bf16"'), "s")
+    with pytest.raises(IntegrityError) as err:
+        Manifest.decode(data[:-10], "s")
+    assert err.value.kind == "truncated"
+    with pytest.raises(IntegrityError) as err:
+        Manifest.decode(data, "t")  # a manifest found under another session's name
+    assert err.value.kind == "format"
