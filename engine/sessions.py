@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -143,7 +145,8 @@ class SessionStore:
         self.lease_s = lease_s
         # A blob another replica may be about to reference is spared this long after its last touch.
         self.gc_grace_s = gc_grace_s if gc_grace_s is not None else (60.0 if self.backend.shared else 0.0)
-        self.owner = owner or f"replica-{secrets.token_hex(8)}"
+        self.owner = owner or lease_owner_id()
+        LIVE_OWNERS.add(self.owner)
         self.index = StoreIndex(self.limits)
         self.memory = MemoryTier(self.limits.max_memory_sessions, self.limits.max_memory_bytes)
         self.stats = StoreStats()
@@ -180,10 +183,19 @@ class SessionStore:
         replica holds it. Each acquire is ended by a `put` or a `release`."""
         check_session_id(session_id)
         with self.lock:
-            if self.holds[session_id] == 0 and self.pending[session_id] == 0:
-                if not self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s):
-                    raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
+            if self.holds[session_id] == 0 and self.pending[session_id] == 0 and not self._take_lease(session_id):
+                raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
             self.holds[session_id] += 1
+
+    def _take_lease(self, session_id: str) -> bool:
+        if self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s):
+            return True
+        holder = self._backend(self.backend.lease_owner, session_id)
+        if holder is None or not owner_is_dead(holder):
+            return False
+        log.info("session %r: breaking the lease of %s, a process of this host that is gone", session_id, holder)
+        self._backend(self.backend.release_lease, session_id, holder)
+        return self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s)
 
     def release(self, session_id: str) -> None:
         """End an acquire that saves nothing (the lease goes once earlier writes have landed)."""
@@ -564,7 +576,38 @@ class SessionStore:
     def close(self) -> None:
         self.flush()
         self._closed.set()
+        LIVE_OWNERS.discard(self.owner)
         self.backend.close()
+
+
+LIVE_OWNERS: set[str] = set()  # the stores of this process
+
+
+def lease_owner_id() -> str:
+    """host/pid/nonce: another process can tell a lease of a dead process of its own host (a
+    server killed and started again) and take it at once rather than wait for it to expire."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(6)}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Whether `owner` (a lease_owner_id) is certainly gone: a process of this host that has
+    exited, or an earlier life of this process's pid (a container restarted: pid 1 again)."""
+    try:
+        host, pid, _nonce = owner.split("/")
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False  # another machine: only the lease's expiry can tell
+    if pid == os.getpid():
+        return owner not in LIVE_OWNERS  # an earlier process that had our pid (a restarted container)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _digest(data: bytes) -> str:

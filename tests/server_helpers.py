@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -64,3 +66,43 @@ def running_server(model_dir, session_dir=None, **options):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+class ServerProcess:
+    """`mcserve serve` in a process of its own, so a test can kill it with -9 and start it again."""
+
+    def __init__(self, model_dir, log_path, *options: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir),
+                     "--port", str(self.port), "--shutdown-grace-s", "2", *options]
+        self.log_path, self.proc = log_path, None
+
+    def start(self, timeout: float = 120) -> "ServerProcess":
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until_ready(self.proc, self.url + "/health", timeout, "mcserve", self.log_text)
+        return self
+
+    def log_text(self) -> str:
+        return open(self.log_path).read()[-4000:]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+    def io(self) -> dict[str, int]:
+        """The kernel's I/O counters of the server process (/proc/PID/io)."""
+        with open(f"/proc/{self.proc.pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(": ") for line in f)}

@@ -310,3 +310,18 @@ def test_two_replicas_on_one_redis_continue_each_others_sessions(model, tmp_path
             b.add_request(p3, GREEDY, session_id="held")
         assert err.value.code == "busy"
         assert sorted(e.session_id for e in b.sessions.list()) == ["shared"]
+
+
+def test_a_lease_left_by_a_dead_process_of_this_host_is_taken_at_once(model, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from engine.sessions import lease_owner_id
+    ghost = SessionStore(model.fingerprint, tmp_path, owner=lease_owner_id().replace(f"/{os.getpid()}/",
+                                                                                     f"/{dead.pid}/"))
+    ghost.acquire("x")
+    ghost._closed.set()
+    alive = SessionStore(model.fingerprint, tmp_path)
+    assert alive.backend.acquire_lease("y", "other-host/1/n", 30)
+    with pytest.raises(SessionError):
+        alive.acquire("y")  # held by a process of another host: only its expiry frees it
+    SessionStore(model.fingerprint, tmp_path, lease_s=30).acquire("x")  # the dead process's lease is broken

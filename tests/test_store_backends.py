@@ -95,3 +95,11 @@ def test_manifests_round_trip_and_detect_damage():
     with pytest.raises(IntegrityError) as err:
         Manifest.decode(data, "t")  # a manifest found under another session's name
     assert err.value.kind == "format"
+
+
+def test_the_lease_owner_is_readable_until_expiry(backend):
+    assert backend.lease_owner("s") is None
+    backend.acquire_lease("s", "a", 0.3)
+    assert backend.lease_owner("s") == "a"
+    time.sleep(0.5)
+    assert backend.lease_owner("s") is None

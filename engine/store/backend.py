@@ -66,7 +66,12 @@ class StoreBackend(ABC):
     def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool: ...
 
     @abstractmethod
-    def release_lease(self, name: str, owner: str) -> None: ...
+    def release_lease(self, name: str, owner: str) -> None:
+        """Drop the lease if `owner` holds it (a compare-and-delete)."""
+
+    @abstractmethod
+    def lease_owner(self, name: str) -> str | None:
+        """Who holds the lease now (None: nobody, or it expired)."""
 
     def close(self) -> None:
         pass
@@ -125,6 +130,10 @@ class MemoryBackend(StoreBackend):
         with self.lock:
             if self.leases.get(name, ("",))[0] == owner:
                 del self.leases[name]
+
+    def lease_owner(self, name):
+        held = self.leases.get(name)
+        return held[0] if held is not None and held[1] > time.monotonic() else None
 
 
 def open_backend(spec: str) -> StoreBackend:

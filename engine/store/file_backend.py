@@ -162,6 +162,10 @@ class FileBackend(StoreBackend):
         if held is not None and held["owner"] == owner:
             path.unlink(missing_ok=True)
 
+    def lease_owner(self, name):
+        held = self._read_lease(self.root / "leases" / name)
+        return held["owner"] if held is not None and held["expires"] > time.time() else None
+
     @staticmethod
     def _read_lease(path: Path) -> dict | None:
         try:

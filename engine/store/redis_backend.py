@@ -84,6 +84,10 @@ class RedisBackend(StoreBackend):
     def release_lease(self, name, owner):
         self._do(self._release, keys=[self._key("lease", name)], args=[owner])
 
+    def lease_owner(self, name):
+        owner = self._do(self.client.get, self._key("lease", name))
+        return owner.decode() if owner is not None else None
+
     def close(self):
         self.client.close()
 
