@@ -55,7 +55,7 @@ VOLUME ["/sessions"]
 # Every `mcserve serve` option reads MCSERVE_<OPTION> (e.g. MCSERVE_API_KEY, MCSERVE_MODEL,
 # MCSERVE_NUM_DEVICE_BLOCKS, MCSERVE_MAX_SESSION_DISK_BYTES); these are the image's defaults.
 ENV MCSERVE_PORT=8000 \
-    MCSERVE_SESSION_DIR=/sessions \
+    MCSERVE_SESSION_STORE=/sessions \
     MCSERVE_SHUTDOWN_GRACE_S=30 \
     TRITON_CACHE_DIR=/home/mcserve/.triton/cache
 EXPOSE 8000

@@ -69,7 +69,7 @@ def test_image_entrypoint_serves_and_drains(tmp_path):
     argv = exec_form(ins, "ENTRYPOINT") + exec_form(ins, "CMD")
     image_env = {k: v for k, v in dockerfile_env(ins).items() if k.startswith("MCSERVE_")}
     port = free_port()
-    env = {**os.environ, **image_env, "MCSERVE_PORT": str(port), "MCSERVE_SESSION_DIR": str(tmp_path / "sessions"),
+    env = {**os.environ, **image_env, "MCSERVE_PORT": str(port), "MCSERVE_SESSION_STORE": str(tmp_path / "sessions"),
            "MCSERVE_SHUTDOWN_GRACE_S": "2", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     if tool(argv[0]) is None:
         pytest.skip(f"{argv[0]} is not installed in this environment (pip install -e .)")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -116,7 +117,7 @@ METRIC_NAME = re.compile(r"mcserve:[a-zA-Z_][a-zA-Z0-9_:]*")
 
 
 def session_dir_of_image() -> str:
-    return dockerfile_env(dockerfile_instructions())["MCSERVE_SESSION_DIR"]
+    return dockerfile_env(dockerfile_instructions())["MCSERVE_SESSION_STORE"]
 
 
 def grace_s(env: dict) -> float:
@@ -161,7 +162,7 @@ def test_dockerfile_rules():
     assert "8000" in [a for i, a in ins if i == "EXPOSE"][0].split()
     assert env["MCSERVE_PORT"] == "8000"
     volumes = json.loads([a for i, a in ins if i == "VOLUME"][0])
-    assert env["MCSERVE_SESSION_DIR"] in volumes
+    assert env["MCSERVE_SESSION_STORE"] in volumes
 
     assert exec_form(ins, "ENTRYPOINT")[:4] == ["mcserve", "serve", "--host", "0.0.0.0"]
     check = healthcheck_command(ins)
@@ -280,8 +281,14 @@ def test_compose_services_fit_together():
     assert (DEPLOY / app["build"]["context"] / app["build"]["dockerfile"]).resolve() == ROOT / "Dockerfile"
     gpu = app["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    volume, target = app["volumes"][0].split(":")[:2]
-    assert volume in c["volumes"] and target == session_dir_of_image()
+    assert session_dir_of_image() in [v for i, a in ins if i == "VOLUME" for v in json.loads(a)]
+    store = urlparse(app["environment"]["MCSERVE_SESSION_STORE"])
+    assert store.scheme == "redis" and app["depends_on"][store.hostname]["condition"] == "service_healthy"
+    redis = c["services"][store.hostname]
+    flags = " ".join(redis["command"])
+    assert "--appendonly yes" in flags and "--appendfsync always" in flags and "noeviction" in flags
+    assert "redis-cli" in redis["healthcheck"]["test"] and store.port in (None, 6379)
+    assert any(v.split(":")[1] == "/data" and v.split(":")[0] in c["volumes"] for v in redis["volumes"])
     assert any(p.endswith(":8000") for p in app["ports"])
     env = {**dockerfile_env(ins), **{k: str(v) for k, v in app["environment"].items()}}
     for key in app["environment"]:
@@ -369,12 +376,20 @@ def pod_checks(workload: dict, session_volume_claim: str | None):
     user = [a for i, a in ins if i == "USER"][-1].split(":")[0]
     assert sc["runAsNonRoot"] is True and str(sc["runAsUser"]) == user and str(sc["fsGroup"]) == user
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    session_volume = mounts[env["MCSERVE_SESSION_DIR"]]
+    store = env["MCSERVE_SESSION_STORE"]
+    if store.startswith("redis://"):  # a Redis Service of these manifests, on its port
+        url = urlparse(store)
+        service = k8s_docs()[("Service", url.hostname)]
+        assert [p["port"] for p in service["spec"]["ports"]] == [url.port or 6379]
+        session_volume = None
+    else:
+        session_volume = mounts[store]
     triton_cache = image_env["TRITON_CACHE_DIR"]
     if c["securityContext"].get("readOnlyRootFilesystem"):
         assert "/tmp" in mounts and any(triton_cache.startswith(m + "/") for m in mounts)
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     if session_volume_claim is not None:
+        assert session_volume is not None
         assert volumes[session_volume]["persistentVolumeClaim"]["claimName"] == session_volume_claim
     return session_volume
 
@@ -388,25 +403,32 @@ def test_k8s_deployment_and_pvc():
     assert docs[("PersistentVolumeClaim", pvc_name)]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
-def test_k8s_statefulset_for_several_replicas():
+def test_k8s_replicas_share_one_redis():
     docs = k8s_docs()
-    sts = docs[("StatefulSet", "mcserve")]
-    assert sts["spec"]["replicas"] > 1
-    session_volume = pod_checks(sts, None)
-    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == [session_volume]
-    headless = docs[("Service", sts["spec"]["serviceName"])]
-    assert headless["spec"]["clusterIP"] == "None"
-    dep = docs[("Deployment", "mcserve")]
-    # the same server, only the session volume differs
-    assert sts["spec"]["template"]["spec"]["containers"] == dep["spec"]["template"]["spec"]["containers"]
+    dep = docs[("Deployment", "mcserve-replicas")]
+    assert dep["spec"]["replicas"] >= 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert pod_checks(dep, None) is None  # no session volume: the sessions are in Redis
+    one = docs[("Deployment", "mcserve")]["spec"]["template"]["spec"]["containers"][0]
+    (shared,) = dep["spec"]["template"]["spec"]["containers"]
+    # the same server; only where its sessions live differs
+    assert ({k: v for k, v in shared.items() if k not in ("env", "volumeMounts")}
+            == {k: v for k, v in one.items() if k not in ("env", "volumeMounts")})
+    redis = docs[("StatefulSet", "mcserve-redis")]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    flags = " ".join(container["args"])
+    assert "--appendonly yes" in flags and "--appendfsync always" in flags and "noeviction" in flags
+    claims = [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]]
+    assert [m["name"] for m in container["volumeMounts"]] == claims
+    service = docs[("Service", "mcserve-redis")]
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_k8s_service_ingress_and_servicemonitor_select_the_pods():
     docs = k8s_docs()
     svc = docs[("Service", "mcserve")]
-    for kind in ("Deployment", "StatefulSet"):
-        labels = docs[(kind, "mcserve")]["spec"]["template"]["metadata"]["labels"]
-        assert svc["spec"]["selector"].items() <= labels.items(), kind
+    for name in ("mcserve", "mcserve-replicas"):
+        labels = docs[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= labels.items(), name
     (port,) = svc["spec"]["ports"]
     assert port["name"] == "http" and port["targetPort"] == "http"
 

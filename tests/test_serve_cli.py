@@ -34,7 +34,7 @@ def test_serve_then_sigterm_saves_in_flight_work(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert (tmp_path / "sessions" / "inflight.session.safetensors").is_file()
+    assert (tmp_path / "sessions" / "manifests" / "inflight.json").is_file()
 
 
 def test_serve_bad_options_are_one_line(tmp_path):
