@@ -7,7 +7,8 @@
    cached checkpoints per sequence (median of 3 runs), against running the same requests one
    at a time (each alone in the engine; tokens/s over the same work).
 2. Time to first token of a request continuing a long conversation: resumed from its saved
-   session (memory tier, then disk tier after a restart) versus prefilling it from scratch.
+   session (memory tier; a directory store and Redis after a restart) versus prefilling it from
+   scratch.
 
 Greedy outputs of the batched and the one-at-a-time runs are compared before any number is shown.
 """
@@ -15,7 +16,11 @@ Greedy outputs of the batched and the one-at-a-time runs are compared before any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+import shutil
+import socket
+import subprocess
 import tempfile
 import time
 
@@ -27,6 +32,7 @@ from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .params import SamplingParams
 from .sessions import SessionStore
+from .store.backend import KINDS, BackendError, open_backend
 
 
 def decode_rate(engine: LLMEngine, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
@@ -84,28 +90,73 @@ def ttft(engine: LLMEngine, prompt: list[int], session_id: str | None) -> tuple[
     return elapsed, seq.output_ids[0]
 
 
-def bench_resume(model, history: int, new: int, config) -> list[str]:
+def bench_resume(model, history: int, new: int, config, redis_url: str | None) -> list[str]:
+    """TTFT of the next turn of a `history`-token session: resumed from the memory tier (its
+    blocks still on the device), from a directory store and from Redis after a restart (an empty
+    engine: every block read from the store), and by re-prefilling the whole conversation."""
     gen = torch.Generator().manual_seed(1)
     conversation = torch.randint(0, model.config.vocab_size, (history + new,), generator=gen).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         engine = LLMEngine(model, config, SessionStore(model.fingerprint, tmp))
         ttft(engine, conversation[:history], "long")           # builds and saves the session
-        engine.sessions.put("long-disk", engine.sessions.get("long"))  # a copy for the disk run
-        engine.sessions.flush()  # no disk write competes with the timed runs
-        t_memory, tok_memory = ttft(engine, conversation, "long")
-        restarted = LLMEngine(model, config, SessionStore(model.fingerprint, tmp))  # memory tier empty
-        t_disk, tok_disk = ttft(restarted, conversation, "long-disk")
-        t_scratch, tok_scratch = ttft(LLMEngine(model, config), conversation, None)
+        stores = {"directory": tmp}
+        if redis_url:
+            copy_store(engine.sessions.backend, open_backend(redis_url))
+            stores["Redis"] = redis_url
+        times, tokens = {}, {}
+        for name, where in stores.items():   # a restart: new engine, new store, nothing cached
+            restarted = LLMEngine(model, config, SessionStore(model.fingerprint, where))
+            times[name], tokens[name] = ttft(restarted, conversation, "long")
+        times["memory"], tokens["memory"] = ttft(engine, conversation, "long")
+        times["scratch"], tokens["scratch"] = ttft(LLMEngine(model, config), conversation, None)
         size = engine.sessions.info("long").nbytes
-    if not tok_memory == tok_disk == tok_scratch:
-        raise SystemExit("resumed and from-scratch first tokens differ")
-    rows = [f"| re-prefill {history + new:,} tokens | {t_scratch * 1e3:,.0f} ms | 1x |",
-            f"| resume, memory tier | {t_memory * 1e3:,.0f} ms | {t_scratch / t_memory:.0f}x |",
-            f"| resume, disk tier (after restart) | {t_disk * 1e3:,.0f} ms | {t_scratch / t_disk:.0f}x |"]
+    if len(set(tokens.values())) != 1:
+        raise SystemExit(f"resumed and from-scratch first tokens differ: {tokens}")
+    scratch = times.pop("scratch")
+    rows = [f"| re-prefill {history + new:,} tokens | {scratch * 1e3:,.0f} ms | 1x |"]
+    labels = {"memory": "resume, memory tier (blocks on the device)",
+              "directory": "resume from the directory (after a restart)",
+              "Redis": "resume from Redis (after a restart)"}
+    rows += [f"| {labels[k]} | {t * 1e3:,.0f} ms | {scratch / t:.0f}x |" for k, t in times.items()]
     print(f"# session of {history:,} tokens: {size / 2**20:.0f} MiB", flush=True)
     for row in rows:
         print(row, flush=True)
     return rows
+
+
+def copy_store(src, dst) -> None:
+    """Every value of one store backend into another (the same session, in Redis)."""
+    for kind in KINDS:
+        for key in src.list(kind):
+            dst.put(kind, key, src.get(kind, key))
+    dst.barrier()
+
+
+@contextlib.contextmanager
+def local_redis():
+    """A redis-server on a free loopback port for the run (None if none is installed)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            for _ in range(200):
+                try:
+                    open_backend(url).close()
+                    break
+                except BackendError:
+                    time.sleep(0.05)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 @torch.inference_mode()
@@ -118,6 +169,9 @@ def main(argv=None) -> None:
     parser.add_argument("--history", type=int, default=16384, help="tokens in the resumed conversation")
     parser.add_argument("--ckpt-dtype", default="fp32", choices=["fp32", "bf16"], help="checkpoint storage")
     parser.add_argument("--skip-resume", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--redis", default="auto", help="redis://... for the Redis resume row; auto: start a "
+                        "local redis-server if one is installed; none: skip the row")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -131,14 +185,17 @@ def main(argv=None) -> None:
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"model {model.num_parameters() / 1e6:.1f}M params, {model.config.memory}/{model.config.aggregation}, "
           f"segment {model.config.segment_size}, {args.ckpt_dtype} checkpoints")
-    print("| batch | cached checkpoints/seq | batched tok/s | one-at-a-time tok/s | speed-up |")
-    print("|---:|---:|---:|---:|---:|")
-    bench_decode(model, args.batches, args.checkpoints, args.steps, config)
+    if not args.skip_decode:
+        print("| batch | cached checkpoints/seq | batched tok/s | one-at-a-time tok/s | speed-up |")
+        print("|---:|---:|---:|---:|---:|")
+        bench_decode(model, args.batches, args.checkpoints, args.steps, config)
     if args.skip_resume:
         return
     print("\n| time to first token | time | vs re-prefill |")
     print("|---|---:|---:|")
-    bench_resume(model, args.history, 16, big)
+    redis = local_redis() if args.redis == "auto" else contextlib.nullcontext(None if args.redis == "none" else args.redis)
+    with redis as url:
+        bench_resume(model, args.history, 16, big, url)
 
 
 if __name__ == "__main__":
