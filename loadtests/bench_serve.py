@@ -6,7 +6,7 @@
 
 Synthetic prompts of a set length (random words, counted by the server's own usage report) are
 sent as streaming chat completions with `ignore_eos`, so every request generates exactly
-`--output-len` tokens. Arrivals follow a Poisson process at `--request-rate` (default: all at once),
+`--output-len` tokens (`--sessions`: each names a new session, which the server saves). Arrivals follow a Poisson process at `--request-rate` (default: all at once),
 bounded by `--max-concurrency`, `--num-prompts` and `--duration`. Reported: TTFT, TPOT, ITL and
 end-to-end latency (mean, median, p99), request and token throughput, failures; `--json-out`
 writes them. `--multi-turn` runs C conversations of T turns twice, resuming each conversation by
@@ -128,21 +128,23 @@ async def run_load(args) -> dict:
     results: list[RequestResult] = []
     deadline = time.perf_counter() + args.duration if args.duration else None
 
+    tag = f"{int(time.time())}-{args.seed}"
     async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout) as client:
-        async def one(prompt: str):
+        async def one(i: int, prompt: str):
             async with limit:
                 if deadline and time.perf_counter() > deadline:
                     return
-                result, _ = await stream_chat(client, args, [{"role": "user", "content": prompt}], None,
+                session = f"load-{tag}-{i}" if args.sessions else None
+                result, _ = await stream_chat(client, args, [{"role": "user", "content": prompt}], session,
                                               args.output_len)
                 results.append(result)
 
         start = time.perf_counter()
         tasks = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             if deadline and time.perf_counter() > deadline:
                 break
-            tasks.append(asyncio.create_task(one(prompt)))
+            tasks.append(asyncio.create_task(one(i, prompt)))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         await asyncio.gather(*tasks)
@@ -206,6 +208,8 @@ def main(argv=None) -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson")
     parser.add_argument("--max-concurrency", type=int, default=0)
     parser.add_argument("--duration", type=float, default=0, help="stop sending after this many seconds")
+    parser.add_argument("--sessions", action="store_true", help="each request of the load names a new "
+                        "session, so every response also saves one")
     parser.add_argument("--multi-turn", action="store_true")
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=4)
