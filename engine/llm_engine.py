@@ -95,12 +95,14 @@ class LLMEngine:
         if request_id in self.sequences:
             raise EngineError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params)
-        if session_id is not None:
+        generator = make_generator(params, self.runner.device)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        if session_id is not None:  # last: nothing after it can fail and leave the session held
             self._attach_session(seq, session_id, resume_from or session_id)
         self.sequences[request_id] = seq
-        self._generators[request_id] = make_generator(params, self.runner.device)
-        if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self._generators[request_id] = generator
+        if detokenizer is not None:
+            self._detokenizers[request_id] = detokenizer
         self.scheduler.add(seq)
         return seq
 
@@ -167,7 +169,9 @@ class LLMEngine:
             if a != b:
                 break
             common += 1
-        exact = common == len(tokens) < len(prompt) and saved.slot is not None
+        whole = not self.model.config.caches_checkpoints or \
+            saved.num_checkpoints == len(tokens) // self.model.config.segment_size
+        exact = common == len(tokens) < len(prompt) and saved.slot is not None and whole
         if exact:
             blocks, start = saved.num_checkpoints, len(tokens)
         else:  # restart from the last checkpoint at or before the divergence (one token left to read)
@@ -180,19 +184,20 @@ class LLMEngine:
     def _save_session(self, seq: Sequence) -> Future | None:
         """Save what the sequence has read, before its slot and blocks are freed: its new
         blocks (those the store does not hold yet), its slot and its manifest. Returns the write."""
-        if seq.status == SequenceStatus.RUNNING and seq.slot is not None:
-            tier, slot = "device", self.runner.read_slot(seq.slot)
-        elif seq.status == SequenceStatus.SWAPPED and seq.request_id in self._swapped_slots:
-            tier, slot = "host", self._swapped_slots[seq.request_id]
-        else:  # never started, or reset for recompute: the saved session stays as it was
-            self.sessions.release(seq.session_id)
-            return None
         store = self.sessions
+        if seq.status == SequenceStatus.RUNNING and seq.slot is not None:
+            tier = "device"
+        elif seq.status == SequenceStatus.SWAPPED and seq.request_id in self._swapped_slots:
+            tier = "host"
+        else:  # never started, or reset for recompute: the saved session stays as it was
+            store.release(seq.session_id)
+            return None
         try:
+            slot = self.runner.read_slot(seq.slot) if tier == "device" else self._swapped_slots[seq.request_id]
             keys = [store.block_key(h) for h in self.scheduler.block_hashes(seq, len(seq.block_table))]
             unknown = store.unknown_blocks(keys)
             read = self.runner.read_blocks([seq.block_table[i] for i in unknown], tier) if unknown else {}
-            new_blocks = {keys[i]: {name: t[:, j] for name, t in read.items()} for j, i in enumerate(unknown)}
+            new_blocks = {keys[i]: {name: t[:, j].clone() for name, t in read.items()} for j, i in enumerate(unknown)}
         except BaseException:
             store.release(seq.session_id)
             raise

@@ -215,7 +215,11 @@ class SessionStore:
                 held = [sid for sid in set(self.holds) | {s for s, n in self.pending.items() if n > 0}]
             for sid in held:
                 try:
-                    if not self.backend.acquire_lease(sid, self.owner, self.lease_s):
+                    with self.lock:  # released meanwhile: renewing would bring the lease back
+                        if self.holds[sid] <= 0 and self.pending[sid] <= 0:
+                            continue
+                        renewed = self.backend.acquire_lease(sid, self.owner, self.lease_s)
+                    if not renewed:
                         log.warning("lost the lease of session %r", sid)
                 except BackendError as e:
                     log.warning("could not renew the lease of session %r: %s", sid, e)
@@ -309,7 +313,7 @@ class SessionStore:
             self.memory.put(session_id, CachedSession(_digest(data), manifest, slot, tensors_nbytes(slot)),
                             {k: (v, tensors_nbytes(v)) for k, v in new_blocks.items()})
             self.pending[session_id] += 1
-            if self.holds[session_id] == 0:  # a put without acquire (tests, conversions): take the lease now
+            if self.holds[session_id] == 0:  # a put without acquire (tests): take the lease now
                 self.holds[session_id] += 1
                 self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s)
         return self.writer.submit(self._write, manifest, new_blocks, slot)
@@ -322,6 +326,7 @@ class SessionStore:
         return per_block * len(manifest.blocks) + tensors_nbytes(slot) + 4 * len(manifest.tokens)
 
     def _write(self, manifest: Manifest, new_blocks: dict[str, Tensors], slot: Tensors | None) -> SessionEntry:
+        manifest = Manifest(**{**manifest.__dict__, "blocks": list(manifest.blocks)})  # the memory tier's stays whole
         sid, started = manifest.session_id, time.monotonic()
         try:
             with self.lock:
@@ -332,11 +337,17 @@ class SessionStore:
                     continue  # referenced by the manifest being replaced: cannot have been collected
                 if key in new_blocks:
                     self._write_block(key, new_blocks[key])
-                elif not self.backend.touch("block", key):  # collected since we last saw it
-                    self._integrity_error(IntegrityError(f"block {key} vanished before session {sid!r} "
-                                                         "referenced it", "missing"), sid)
-                    manifest.blocks, manifest.slot = manifest.blocks[:i], None
-                    break
+                elif not self.backend.touch("block", key):  # not stored (any more): from memory, or cut here
+                    with self.lock:
+                        cached = self.memory.block(key)
+                    if cached is None:
+                        self._integrity_error(IntegrityError(f"block {key} vanished before session {sid!r} "
+                                                             "referenced it", "missing"), sid)
+                        manifest.blocks, manifest.slot = manifest.blocks[:i], None
+                        with self.lock:
+                            self.memory.drop(sid)  # its cached state no longer matches what is stored
+                        break
+                    self._write_block(key, cached)
             if manifest.slot is not None:
                 blob = encode_blob(slot, {"kind": "slot", "key": manifest.slot, "fingerprint": self.fingerprint})
                 self.backend.put("slot", manifest.slot, blob)
@@ -372,7 +383,7 @@ class SessionStore:
                 if self.pending[sid] <= 0:
                     del self.pending[sid]
             self._drop_hold(sid)
-            self._enforce_limits()
+            self.writer.submit(self._enforce_limits)
 
     def _write_block(self, key: str, tensors: Tensors) -> None:
         if self.backend.touch("block", key):
@@ -411,10 +422,15 @@ class SessionStore:
 
     # --- deletes, listing --------------------------------------------------------------------
     def delete(self, session_id: str) -> bool:
+        """Delete a session (after its pending writes). SessionError "busy" while a request of
+        this or another replica holds it."""
         check_session_id(session_id)
+        with self.lock:
+            if self.holds[session_id] > 0:
+                raise SessionError(f"session {session_id!r} is busy with a request", "busy")
         self.acquire(session_id)
         try:
-            return self.writer.submit(self._delete_now, session_id).result()
+            return self._backend(lambda: self.writer.submit(self._delete_now, session_id).result())
         finally:
             self.release(session_id)
 
@@ -445,16 +461,22 @@ class SessionStore:
         check_session_id(session_id)
         with self.lock:
             entry = self.index.get(session_id)
-        if entry is None and self.backend.shared:
-            self.get(session_id)  # another replica may have written it
-            with self.lock:
-                entry = self.index.get(session_id)
+        if entry is None and self.backend.shared:  # another replica may have written it
+            data = self._backend(self.backend.get, "manifest", session_id)
+            try:
+                manifest = Manifest.decode(data, session_id) if data is not None else None
+            except IntegrityError as e:
+                self._integrity_error(e)
+                manifest = None
+            if manifest is not None:
+                with self.lock:
+                    entry = self._index_manifest(manifest, len(data))
         with self.lock:
             return self._with_tier(entry)
 
     def list(self) -> list[SessionEntry]:
-        if self.backend.shared:
-            self.writer.submit(self._scan).result()
+        if self.backend.shared:  # other replicas' sessions too
+            self._backend(lambda: self.writer.submit(self._scan).result())
         with self.lock:
             return [self._with_tier(e) for e in self.index.entries.values()]
 
@@ -550,8 +572,13 @@ class SessionStore:
         if len(keys) != n:
             self._integrity_error(IntegrityError(f"{path.name}: {n} checkpoints for {len(tokens)} tokens", "format"))
             return None
-        self.put(session_id, tokens, keys, dict(zip(keys, per_block)), slot,
-                 created=float(meta.get("created", time.time()))).result()
+        with self.lock:
+            self.holds[session_id] += 1  # the conversion's own hold: the request's acquire stays
+        try:
+            self.put(session_id, tokens, keys, dict(zip(keys, per_block)), slot,
+                     created=float(meta.get("created", time.time()))).result()
+        except OSError as e:
+            raise SessionError(f"session {session_id!r} could not be converted: {e}", "unavailable") from None
         path.unlink(missing_ok=True)  # only now: the paged copy is durable
         self.legacy.pop(session_id, None)
         self.stats.converted_v1 += 1
@@ -570,7 +597,7 @@ class SessionStore:
     def _backend(self, fn, *args):
         try:
             return fn(*args)
-        except BackendError as e:
+        except OSError as e:  # BackendError, and a directory that fails
             raise SessionError(str(e), "unavailable") from None
 
     def close(self) -> None:

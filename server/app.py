@@ -138,13 +138,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     @app.get("/v1/sessions")
     async def list_sessions():
         store = sessions_of(state)
-        entries = await engine.call(store.list)
+        entries = await asyncio.to_thread(guarded_list, store)  # the store is thread-safe: no engine lock
         return {"object": "list", "data": [session_card(e) for e in entries]}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str):
         store = sessions_of(state)
-        entry = await engine.call(guarded, store.info, session_id)
+        entry = await asyncio.to_thread(guarded, store.info, session_id)
         if entry is None:
             raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
         return session_card(entry)
@@ -219,6 +219,13 @@ def guarded(fn, session_id):
     except SessionError as e:
         raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), param="session_id",
                               code=f"session_{e.code}") from None
+
+
+def guarded_list(store):
+    try:
+        return store.list()
+    except SessionError as e:
+        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), code=f"session_{e.code}") from None
 
 
 def session_card(entry) -> dict:

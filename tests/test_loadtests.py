@@ -44,3 +44,21 @@ def test_multi_turn_compares_sessions_with_resending(server):
 def test_loopback_only():
     res = bench("--base-url", "http://example.com:8000")
     assert res.returncode != 0 and "loopback only" in res.stderr
+
+
+def test_a_load_with_sessions_saves_one_per_request(server):
+    import httpx
+    before = len(httpx.get(server + "/v1/sessions").json()["data"])
+    res = bench("--base-url", server, "--num-prompts", "3", "--input-len", "8", "--output-len", "2", "--sessions")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["completed"] == 3
+    assert len(httpx.get(server + "/v1/sessions").json()["data"]) == before + 3
+
+
+def test_the_durability_benchmark_runs_both_modes(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "loadtests.bench_durability", "--quick", "--json-out",
+                          str(tmp_path / "d.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    runs = json.loads((tmp_path / "d.json").read_text())["runs"]
+    assert [len(runs["sync"]), len(runs["async"])] == [1, 1]
+    assert all(r[0]["completed"] == 8 and r[0]["failed"] == 0 for r in runs.values())

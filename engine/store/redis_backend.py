@@ -67,13 +67,13 @@ class RedisBackend(StoreBackend):
             return {}
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
+            pipe.object("idletime", k)  # first: STRLEN counts as an access and would reset it
             pipe.strlen(k)
-            pipe.object("idletime", k)
         replies = self._do(pipe.execute, raise_on_error=False)
         start = len(self._key(kind, ""))
         found = {}
         for i, k in enumerate(keys):
-            size, idle = replies[2 * i], replies[2 * i + 1]
+            idle, size = replies[2 * i], replies[2 * i + 1]
             if isinstance(size, int) and size > 0:  # 0: deleted since the scan
                 found[k.decode()[start:]] = Stat(size, float(idle) if isinstance(idle, int) else 0.0)
         return found
