@@ -41,6 +41,7 @@ def test_100_sessions_share_one_system_prompt(tmp_path):
     tail = store_bytes(tmp_path / "alone") - prefix
     shared = save(tmp_path / "shared", {f"user-{i}": system + t for i, t in enumerate(tails)})
     total = store_bytes(tmp_path / "shared")
+    print(f"\nstore {total:,} bytes; one prefix {prefix:,} + 100 tails of {tail:,} = {prefix + 100 * tail:,}")
     assert total <= 1.2 * (prefix + 100 * tail), (total, prefix, tail)
     index = shared.index
     assert index.logical_bytes / index.physical_bytes > 4  # what the store would take unshared

@@ -174,5 +174,6 @@ def test_the_bytes_written_per_turn_stay_flat(servers, tmp_path):
         before = server.io()["write_bytes"]
         history += turn(server.url, "long", history, max_tokens=4)["text"]
         written.append(server.io()["write_bytes"] - before)
+    print(f"\nwrite_bytes per turn: first {written[0]:,}, last {written[-1]:,}, max {max(written):,}")
     assert written[0] > 0
     assert written[-1] <= 1.5 * written[0], written
