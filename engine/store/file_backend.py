@@ -114,7 +114,9 @@ class FileBackend(StoreBackend):
                 os.close(fd)
 
     def _write_temp(self, final: Path, data: bytes) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.parent.is_dir():  # a new fan-out folder: its own entry must be made durable too
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._mark_dirty(final.parent.parent)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             with open(tmp, "wb") as f:
