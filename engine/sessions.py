@@ -351,7 +351,7 @@ class SessionStore:
             if manifest.slot is not None:
                 blob = encode_blob(slot, {"kind": "slot", "key": manifest.slot, "fingerprint": self.fingerprint})
                 self.backend.put("slot", manifest.slot, blob)
-                self._count_write(len(blob))
+                self.stats.bytes_written += len(blob)
                 with self.lock:
                     self.index.add_blob(("slot", manifest.slot), len(blob))
             self.backend.barrier()
@@ -361,7 +361,7 @@ class SessionStore:
             data = manifest.encode()
             self.backend.put("manifest", sid, data)
             self.backend.barrier()
-            self._count_write(len(data))
+            self.stats.bytes_written += len(data)
             if previous is not None and previous.slot and previous.slot != manifest.slot:
                 self.backend.delete("slot", previous.slot)
                 with self.lock:
@@ -391,15 +391,12 @@ class SessionStore:
             return
         blob = encode_blob(tensors, {"kind": "block", "key": key, "fingerprint": self.fingerprint})
         if self.backend.put_new("block", key, blob):
-            self._count_write(len(blob))
+            self.stats.bytes_written += len(blob)
             self.stats.blocks_written += 1
         else:
             self.stats.blocks_deduplicated += 1
         with self.lock:
             self.index.add_blob(("block", key), len(blob))
-
-    def _count_write(self, n: int) -> None:
-        self.stats.bytes_written += n
 
     def _index_manifest(self, manifest: Manifest, manifest_bytes: int) -> SessionEntry:
         old = self.index.get(manifest.session_id)

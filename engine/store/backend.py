@@ -76,8 +76,6 @@ class StoreBackend(ABC):
     def close(self) -> None:
         pass
 
-    def describe(self) -> str:
-        return self.name
 
 
 class MemoryBackend(StoreBackend):

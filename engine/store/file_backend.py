@@ -39,8 +39,6 @@ class FileBackend(StoreBackend):
         self._dirty: set[Path] = set()
         self._lock = threading.Lock()
 
-    def describe(self) -> str:
-        return f"file://{self.root.resolve()}"
 
     def path(self, kind: str, key: str) -> Path:
         sub, suffix = LAYOUT[kind]

@@ -40,8 +40,6 @@ class RedisBackend(StoreBackend):
         self._renew = self.client.register_script(RENEW)
         self._release = self.client.register_script(RELEASE)
 
-    def describe(self) -> str:
-        return self.url
 
     def _key(self, kind: str, key: str) -> str:
         return f"{self.prefix}:{kind}:{key}"
