@@ -30,6 +30,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._persisting: set[str] = set()  # finished requests whose output waits for its session write
         self._accepting = True
         self._stop = False
         self._shutdown: asyncio.Future | None = None
@@ -57,6 +58,9 @@ class AsyncEngine:
                 self._streams[seq.request_id] = (loop, queue)
             return seqs
 
+        if session_id is not None and self.engine.sessions is not None:
+            # Read the saved state off the engine's lock; `add` then finds it in memory.
+            await asyncio.to_thread(self.engine.sessions.prefetch, resume_from or session_id)
         seqs = await self.call(add)
         self._wakeup.set()
         unfinished = {s.request_id for s in seqs}
@@ -140,11 +144,15 @@ class AsyncEngine:
                 self._wakeup.clear()
 
     def _fail_everything(self, error: Exception) -> None:
+        # Every open stream, not only the engine's sequences: the failed step may have finished
+        # some (and forgotten them) before it raised, and their outputs are lost with it.
+        for rid in list(self._streams):
+            if rid not in self._persisting:  # finished earlier: its output comes once saved
+                self._deliver(rid, RuntimeError(f"engine step failed: {error}"))
         for rid in list(self.engine.sequences):
-            self._deliver(rid, RuntimeError(f"engine step failed: {error}"))
             try:
                 self.engine.abort(rid)
-            except Exception:  # noqa: BLE001 - keep going: every stream must hear about the failure
+            except Exception:  # noqa: BLE001 - keep going: every sequence must be freed
                 continue
 
     def _deliver(self, request_id: str, item) -> None:
@@ -153,8 +161,10 @@ class AsyncEngine:
         only after its session is on stable storage."""
         persisted = getattr(item, "persisted", None)
         if persisted is not None and not persisted.done():
+            self._persisting.add(request_id)
             persisted.add_done_callback(lambda _: self._deliver(request_id, item))
             return
+        self._persisting.discard(request_id)
         if self.on_output is not None and isinstance(item, RequestOutput):
             self.on_output(item)
         stream = self._streams.get(request_id)

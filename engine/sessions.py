@@ -14,7 +14,10 @@ not landed; the session then resumes from its last durable turn).
 
 Exclusion: a session is advanced by one request at a time, across replicas: `acquire` takes the
 session's lease in the store (SessionError "busy" if another holds it), and the write that
-follows a turn releases it. Leases are renewed while held and expire if their owner dies.
+follows a turn releases it. Leases are renewed while held and expire if their owner dies. Each
+tenure of a lease has its own holder id, and a manifest is written only while that very tenure
+holds the lease (the backend's `put_fenced`): a replica that stalled past its lease's expiry
+cannot overwrite the turn of the replica that took the session over.
 
 Integrity: every blob and manifest is checksummed. A block that is missing or fails its checks
 ends the session's usable prefix there: the session resumes from the last good checkpoint and
@@ -153,6 +156,8 @@ class SessionStore:
         self.lock = threading.RLock()        # index, memory tier, holds, pending
         self.holds: Counter = Counter()      # session -> requests of this process holding its lease
         self.pending: Counter = Counter()    # session -> writes queued, not landed
+        self.tenures: dict[str, str] = {}    # session -> the holder id of this process's lease on it
+        self.pinned: Counter = Counter()     # block key -> queued writes that reference it
         self.legacy: dict[str, dict[str, str]] = {}
         self._seen_damage: set[str] = set()
         self.writer = StoreWriter()
@@ -188,14 +193,18 @@ class SessionStore:
             self.holds[session_id] += 1
 
     def _take_lease(self, session_id: str) -> bool:
-        if self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s):
-            return True
-        holder = self._backend(self.backend.lease_owner, session_id)
-        if holder is None or not owner_is_dead(holder):
-            return False
-        log.info("session %r: breaking the lease of %s, a process of this host that is gone", session_id, holder)
-        self._backend(self.backend.release_lease, session_id, holder)
-        return self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s)
+        """Take the session's lease for a new tenure of this process (call under self.lock)."""
+        tenure = f"{self.owner}/{secrets.token_hex(4)}"
+        if not self._backend(self.backend.acquire_lease, session_id, tenure, self.lease_s):
+            holder = self._backend(self.backend.lease_owner, session_id)
+            if holder is None or not owner_is_dead(holder):
+                return False
+            log.info("session %r: breaking the lease of %s, a process of this host that is gone", session_id, holder)
+            self._backend(self.backend.release_lease, session_id, holder)
+            if not self._backend(self.backend.acquire_lease, session_id, tenure, self.lease_s):
+                return False
+        self.tenures[session_id] = tenure
+        return True
 
     def release(self, session_id: str) -> None:
         """End an acquire that saves nothing (the lease goes once earlier writes have landed)."""
@@ -206,8 +215,8 @@ class SessionStore:
             self.holds[session_id] -= 1
             if self.holds[session_id] <= 0:
                 del self.holds[session_id]
-                if self.pending[session_id] <= 0:
-                    self.backend.release_lease(session_id, self.owner)
+                if self.pending[session_id] <= 0 and session_id in self.tenures:
+                    self.backend.release_lease(session_id, self.tenures.pop(session_id))
 
     def _renew_leases(self) -> None:
         while not self._closed.wait(self.lease_s / 3):
@@ -215,12 +224,10 @@ class SessionStore:
                 held = [sid for sid in set(self.holds) | {s for s, n in self.pending.items() if n > 0}]
             for sid in held:
                 try:
-                    with self.lock:  # released meanwhile: renewing would bring the lease back
-                        if self.holds[sid] <= 0 and self.pending[sid] <= 0:
-                            continue
-                        renewed = self.backend.acquire_lease(sid, self.owner, self.lease_s)
-                    if not renewed:
-                        log.warning("lost the lease of session %r", sid)
+                    with self.lock:
+                        tenure = self.tenures.get(sid)
+                    if tenure is not None and not self.backend.renew_lease(sid, tenure, self.lease_s):
+                        log.warning("lost the lease of session %r: its next write will be refused", sid)
                 except BackendError as e:
                     log.warning("could not renew the lease of session %r: %s", sid, e)
 
@@ -245,6 +252,7 @@ class SessionStore:
             raise SessionError(f"session {session_id!r} was saved by another model ({manifest.fingerprint}), "
                                f"not this one ({self.fingerprint})", "wrong_model")
         digest = _digest(data)
+        self._backend(self.backend.touch, "manifest", session_id)  # its recency, for every replica's eviction
         with self.lock:
             cached = self.memory.get(session_id)
             if cached is not None and cached.digest == digest:
@@ -252,7 +260,28 @@ class SessionStore:
                 return self._state(manifest, cached.slot, self._cached_blocks(manifest))
         return self._load(manifest, digest, len(data))
 
-    def _load(self, manifest: Manifest, digest: str, manifest_bytes: int) -> SessionState:
+    def prefetch(self, session_id: str) -> None:
+        """Read a session into the memory tier ahead of `get`, outside the engine's lock, so that
+        reading a long session from the store does not stall the engine's steps. Best effort:
+        anything unusual (no session, damage, another model) is left for `get` to handle."""
+        try:
+            check_session_id(session_id)
+            data = self.backend.get("manifest", session_id)
+            manifest = Manifest.decode(data, session_id) if data is not None else None
+            if manifest is None or manifest.fingerprint != self.fingerprint:
+                return
+            digest = _digest(data)
+            with self.lock:
+                cached = self.memory.get(session_id)
+                if cached is not None and cached.digest == digest:
+                    return
+            self._load(manifest, digest, len(data), strict=True)
+        except (OSError, SessionError, IntegrityError):
+            return
+
+    def _load(self, manifest: Manifest, digest: str, manifest_bytes: int, strict: bool = False) -> SessionState:
+        """Read a manifest's blocks and slot and cache them. A damaged blob ends the usable
+        prefix there (counted), or with `strict` raises IntegrityError and caches nothing."""
         blocks, fresh = [], {}
         for key in manifest.blocks:
             with self.lock:
@@ -262,6 +291,8 @@ class SessionStore:
                     tensors = decode_blob(self._backend(self.backend.get, "block", key),
                                           {"kind": "block", "key": key})
                 except IntegrityError as e:
+                    if strict:
+                        raise
                     self._integrity_error(e, manifest.session_id)
                     break
                 fresh[key] = (tensors, tensors_nbytes(tensors))
@@ -272,6 +303,8 @@ class SessionStore:
                 slot = decode_blob(self._backend(self.backend.get, "slot", manifest.slot),
                                    {"kind": "slot", "key": manifest.slot})
             except IntegrityError as e:
+                if strict:
+                    raise
                 self._integrity_error(e, manifest.session_id)
         with self.lock:
             good = Manifest(**{**manifest.__dict__, "blocks": manifest.blocks[:len(blocks)]})
@@ -312,10 +345,12 @@ class SessionStore:
             data = manifest.encode()
             self.memory.put(session_id, CachedSession(_digest(data), manifest, slot, tensors_nbytes(slot)),
                             {k: (v, tensors_nbytes(v)) for k, v in new_blocks.items()})
-            self.pending[session_id] += 1
             if self.holds[session_id] == 0:  # a put without acquire (tests): take the lease now
+                if session_id not in self.tenures and not self._take_lease(session_id):
+                    raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
                 self.holds[session_id] += 1
-                self._backend(self.backend.acquire_lease, session_id, self.owner, self.lease_s)
+            self.pending[session_id] += 1
+            self.pinned.update(manifest.blocks)  # a collection before this write lands must spare them
         return self.writer.submit(self._write, manifest, new_blocks, slot)
 
     def _logical_bytes(self, manifest: Manifest, new_blocks: dict[str, Tensors], slot: Tensors | None) -> int:
@@ -355,11 +390,12 @@ class SessionStore:
                 with self.lock:
                     self.index.add_blob(("slot", manifest.slot), len(blob))
             self.backend.barrier()
-            if not self.backend.acquire_lease(sid, self.owner, self.lease_s):  # fencing: still ours?
-                raise SessionError(f"session {sid!r}: its lease was lost (another replica took it); "
-                                   "this turn was not saved", "busy")
             data = manifest.encode()
-            self.backend.put("manifest", sid, data)
+            with self.lock:
+                tenure = self.tenures.get(sid, "")
+            if not self.backend.put_fenced("manifest", sid, data, sid, tenure):
+                raise SessionError(f"session {sid!r}: its lease ran out and was lost; this turn was not saved",
+                                   "busy")
             self.backend.barrier()
             self.stats.bytes_written += len(data)
             if previous is not None and previous.slot and previous.slot != manifest.slot:
@@ -382,6 +418,8 @@ class SessionStore:
                 self.pending[sid] -= 1
                 if self.pending[sid] <= 0:
                     del self.pending[sid]
+                self.pinned.subtract(manifest.blocks)
+                self.pinned += Counter()  # drop the zeros
             self._drop_hold(sid)
             self.writer.submit(self._enforce_limits)
 
@@ -488,32 +526,50 @@ class SessionStore:
             protected = set(self.holds) | set(self.pending)
             victims = self.index.victims(protected)
         for sid in victims:
-            self._delete_now(sid)
-            self.stats.evictions["store"] += 1
+            if self._evict(sid):
+                self.stats.evictions["store"] += 1
         self._collect(self.gc_grace_s)
+
+    def _evict(self, session_id: str) -> bool:
+        """Delete a session under its lease; a session that another replica holds is spared."""
+        with self.lock:
+            if self.holds[session_id] > 0 or self.pending[session_id] > 0:
+                return False
+            try:
+                if not self._take_lease(session_id):
+                    return False
+            except SessionError:
+                return False
+        try:
+            self._delete_now(session_id)
+        finally:
+            with self.lock:
+                tenure = self.tenures.pop(session_id, None)
+                if tenure is not None:
+                    self.backend.release_lease(session_id, tenure)
+        return True
 
     def _collect(self, min_age_s: float) -> None:
         """Delete blobs that no manifest references (left by evictions, deletes and crashes)."""
-        with self.lock:
-            orphans = self.index.orphans()
+        orphans = self._orphans()
         if not orphans:
             return
         if self.backend.shared:
             self._scan()
-            with self.lock:
-                orphans = self.index.orphans()
-        ages = {kind: self.backend.list(kind) for kind in {k for k, _ in orphans}} if min_age_s > 0 else {}
+            orphans = self._orphans()
         for kind, key in orphans:
-            stat = ages.get(kind, {}).get(key)
-            if min_age_s > 0 and stat is not None and stat.age_s < min_age_s:
-                continue
-            self.backend.delete(kind, key)
+            if not self.backend.delete_if_idle(kind, key, min_age_s):
+                continue  # touched lately: another replica may be about to reference it
             with self.lock:
                 self.index.drop_blob((kind, key))
             if kind == "block":
                 self.stats.blocks_collected += 1
             else:
                 self.stats.slots_collected += 1
+
+    def _orphans(self) -> list[tuple[str, str]]:
+        with self.lock:
+            return [(kind, key) for kind, key in self.index.orphans() if kind != "block" or key not in self.pinned]
 
     def _scan(self) -> None:
         """Rebuild the index from the store: every manifest, every blob."""
@@ -526,8 +582,9 @@ class SessionStore:
                 if data is not None:
                     self._integrity_error(e)
                 continue
+            last_used = max(manifest.updated, time.time() - stat.age_s)  # a resume touches the manifest
             entries.append(SessionEntry(sid, len(manifest.tokens), len(manifest.blocks), manifest.logical_bytes,
-                                        manifest.created, manifest.updated, tuple(manifest.blocks), manifest.slot,
+                                        manifest.created, last_used, tuple(manifest.blocks), manifest.slot,
                                         stat.size))
         blobs = {(kind, key): stat.size for kind in ("block", "slot") for key, stat in self.backend.list(kind).items()}
         with self.lock:
@@ -608,23 +665,34 @@ LIVE_OWNERS: set[str] = set()  # the stores of this process
 
 
 def lease_owner_id() -> str:
-    """host/pid/nonce: another process can tell a lease of a dead process of its own host (a
-    server killed and started again) and take it at once rather than wait for it to expire."""
-    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(6)}"
+    """host/pid-namespace/pid/nonce: another process can tell a lease of a dead process of its
+    own host and namespace (a server killed and started again) and take it at once rather than
+    wait for it to expire. A lease's holder id adds a per-tenure suffix to this."""
+    return f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid()}/{secrets.token_hex(6)}"
 
 
-def owner_is_dead(owner: str) -> bool:
-    """Whether `owner` (a lease_owner_id) is certainly gone: a process of this host that has
-    exited, or an earlier life of this process's pid (a container restarted: pid 1 again)."""
+def _pid_namespace() -> str:
+    """The kernel's boot and our pid namespace: pids are comparable only within both."""
     try:
-        host, pid, _nonce = owner.split("/")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        return f"{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return "unknown"
+
+
+def owner_is_dead(holder: str) -> bool:
+    """Whether the holder of a lease (a lease_owner_id, plus a tenure) is certainly gone: a
+    process of this host and pid namespace that has exited, or an earlier life of this
+    process's pid (a restart that got the same pid)."""
+    try:
+        host, namespace, pid, nonce = holder.split("/")[:4]
         pid = int(pid)
     except ValueError:
         return False
-    if host != socket.gethostname():
-        return False  # another machine: only the lease's expiry can tell
+    if host != socket.gethostname() or namespace != _pid_namespace() or namespace == "unknown":
+        return False  # another machine or container: only the lease's expiry can tell
     if pid == os.getpid():
-        return owner not in LIVE_OWNERS  # an earlier process that had our pid (a restarted container)
+        return "/".join((host, namespace, str(pid), nonce)) not in LIVE_OWNERS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -148,7 +148,8 @@ class Metrics:
         self._last_token: dict[str, float] = {}
 
     def observe(self, out: RequestOutput) -> None:
-        """Record one output as the engine produces it (called from the engine thread)."""
+        """Record one output as it is delivered (from the engine thread, or from the session
+        writer's for a turn that waited for its durable save; prometheus_client is thread-safe)."""
         now = time.monotonic()
         self.generation_tokens.inc(len(out.new_token_ids))
         last = self._last_token.get(out.request_id)

@@ -79,3 +79,19 @@ def test_shutdown_aborts_stragglers_and_saves_their_session(model, tmp_path):
     store, first, rest = asyncio.run(main())
     assert rest and rest[-1].finish_reason == "abort"
     assert store.get("long") is not None and len(store.get("long").tokens) > len(prompts(1)[0])
+
+
+def test_a_step_that_fails_after_finishing_a_request_still_fails_its_stream(model):
+    async def main():
+        engine = AsyncEngine(make_engine(model))
+        real_step = engine.engine.step
+
+        def step_then_fail():
+            real_step()  # finishes (and forgets) the one-token request, then the step "fails"
+            raise RuntimeError("boom")
+        engine.engine.step = step_then_fail
+        with pytest.raises(RuntimeError, match="boom"):
+            await asyncio.wait_for(collect(engine, prompts(1)[0], SamplingParams(max_tokens=1)), 30)
+        engine.engine.step = real_step
+        await engine.shutdown()
+    asyncio.run(main())

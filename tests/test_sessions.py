@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -325,3 +326,81 @@ def test_a_lease_left_by_a_dead_process_of_this_host_is_taken_at_once(model, tmp
     with pytest.raises(SessionError):
         alive.acquire("y")  # held by a process of another host: only its expiry frees it
     SessionStore(model.fingerprint, tmp_path, lease_s=30).acquire("x")  # the dead process's lease is broken
+    from engine.sessions import owner_is_dead
+    other_namespace = lease_owner_id().split("/")
+    other_namespace[1], other_namespace[2] = "0000.1", str(dead.pid)
+    assert not owner_is_dead("/".join(other_namespace) + "/t")  # another container's pids are not ours
+
+
+def test_a_replica_that_lost_its_lease_cannot_overwrite_the_turn_of_the_one_that_took_over(model, tmp_path):
+    import time
+    a_engine, b_engine = engine_for(model, tmp_path, lease_s=0.4), engine_for(model, tmp_path, lease_s=30)
+    a_engine.sessions._closed.set()                 # a stalls: its lease is not renewed
+    turn_a = a_engine.add_request(P1, GREEDY, session_id="s")  # a holds "s"...
+    time.sleep(0.6)                                  # ...past its lease's expiry
+    turn_b = run(b_engine, P1 + [9, 9], "s")         # b takes the session over and saves its turn
+    b_engine.sessions.flush()
+    while a_engine.has_unfinished():                 # a wakes up and finishes its stale turn
+        finals = [o for o in a_engine.step() if o.finished]
+    with pytest.raises(SessionError) as err:
+        finals[0].persisted.result(timeout=30)
+    assert err.value.code == "busy" and turn_a.output_ids
+    saved = b_engine.sessions.get("s")
+    assert saved.tokens == (P1 + [9, 9] + turn_b.output_ids)[:len(saved.tokens)]  # b's turn stands
+    assert SessionStore(model.fingerprint, tmp_path).get("s").tokens == saved.tokens
+
+
+def test_the_store_limits_never_evict_a_session_another_replica_holds(model, tmp_path):
+    a = engine_for(model, tmp_path, SessionLimits(max_store_sessions=1))
+    other = SessionStore(model.fingerprint, tmp_path)
+    run(a, P1, "old")
+    a.sessions.flush()
+    other.acquire("old")                             # another replica is in a turn on "old"
+    run(a, [5] + P1, "new")
+    a.sessions.flush()
+    assert (tmp_path / "manifests" / "old.json").is_file()  # over the limit, but held: spared
+    other.release("old")
+    other.flush()
+    run(a, [6] + P1, "newer")
+    a.sessions.flush()
+    assert sorted(p.stem for p in (tmp_path / "manifests").iterdir()) == ["newer"]
+
+
+def test_a_collection_spares_the_blocks_of_writes_still_queued(model, tmp_path):
+    import threading
+    engine = engine_for(model, tmp_path)
+    store = engine.sessions
+    run(engine, P1, "first")
+    store.flush()
+    saved, written = store.get("first"), store.stats.blocks_written
+    keys = list(store.index.get("first").blocks)
+    gate = threading.Event()
+    store.writer.submit(gate.wait)                    # hold the writer while both jobs queue up
+    deleting = threading.Thread(target=store.delete, args=("first",))
+    deleting.start()
+    while store.writer.jobs.qsize() < 1:
+        time.sleep(0.01)
+    # A second session of the same prefix, whose blocks the store holds: it sends none of them.
+    assert store.unknown_blocks(keys) == []
+    write = store.put("second", saved.tokens, keys, {}, saved.slot)
+    gate.set()
+    deleting.join()
+    write.result(timeout=30)
+    assert store.stats.blocks_collected == 0 and store.stats.blocks_written == written
+    assert store.get("second").num_checkpoints == len(keys)
+
+
+def test_prefetch_reads_a_session_into_memory_but_never_caches_damage(model, tmp_path):
+    engine = engine_for(model, tmp_path)
+    run(engine, P1, "s")
+    engine.sessions.flush()
+    store = SessionStore(model.fingerprint, tmp_path)
+    store.prefetch("s")
+    assert "s" in store.memory.sessions
+    blocks = files(tmp_path, "blocks")
+    blocks[-1].write_bytes(blocks[-1].read_bytes()[:10])
+    store = SessionStore(model.fingerprint, tmp_path)
+    store.prefetch("s")
+    store.prefetch("nope")
+    assert "s" not in store.memory.sessions and not store.stats.integrity_errors
+    assert store.get("s").num_checkpoints == len(blocks) - 1 and store.stats.integrity_errors["truncated"] == 1

@@ -103,3 +103,39 @@ def test_the_lease_owner_is_readable_until_expiry(backend):
     assert backend.lease_owner("s") == "a"
     time.sleep(0.5)
     assert backend.lease_owner("s") is None
+
+
+def test_a_renewal_never_brings_back_a_lease_that_ran_out_or_was_taken(backend):
+    assert backend.acquire_lease("s", "a", 0.3)
+    assert backend.renew_lease("s", "a", 0.3)
+    assert not backend.renew_lease("s", "b", 0.3)      # not b's
+    time.sleep(0.5)
+    assert not backend.renew_lease("s", "a", 0.3)      # ran out: lost, not re-created
+    assert backend.lease_owner("s") is None
+    assert backend.acquire_lease("s", "b", 5)
+    assert not backend.renew_lease("s", "a", 5) and backend.lease_owner("s") == "b"
+
+
+def test_a_fenced_put_lands_only_under_its_owners_lease(backend):
+    assert not backend.put_fenced("manifest", "s", b"x", "s", "a")  # no lease at all
+    assert backend.get("manifest", "s") is None
+    backend.acquire_lease("s", "a", 0.3)
+    assert backend.put_fenced("manifest", "s", b"from a", "s", "a")
+    time.sleep(0.5)
+    backend.acquire_lease("s", "b", 5)                  # a stalled past its lease; b took over
+    assert backend.put_fenced("manifest", "s", b"from b", "s", "b")
+    assert not backend.put_fenced("manifest", "s", b"stale a", "s", "a")
+    assert backend.get("manifest", "s") == b"from b"
+
+
+def test_delete_if_idle_spares_what_was_touched_lately(backend):
+    backend.put("block", "old", b"1")
+    backend.put("block", "new", b"2")
+    time.sleep(1.1)  # Redis keeps idle times in whole seconds
+    assert backend.touch("block", "new")
+    assert backend.delete_if_idle("block", "old", 1.0)
+    assert not backend.delete_if_idle("block", "new", 1.0)
+    assert not backend.delete_if_idle("block", "gone", 0.0)
+    assert backend.get("block", "old") is None and backend.get("block", "new") == b"2"
+    assert backend.delete_if_idle("block", "new", 0.0)
+    assert backend.list("block") == {}

@@ -42,6 +42,8 @@ def test_touch_moves_a_session_to_the_recent_end():
     index = index_with(SessionLimits(max_store_sessions=1), entry("a", [], 1), entry("b", [], 2))
     index.touch("a", 5)
     assert index.victims() == ["b"]
+    index.rebuild([entry("a", [], 1), entry("b", [], 2)], {})  # a scan that knows only the write times
+    assert index.victims() == ["b"]                               # keeps a's later use
 
 
 class FakeManifest:

@@ -9,9 +9,11 @@ Durability: `put` and `put_new` replace or create a value atomically (a reader s
 value or the new one, never a mix); after `barrier()` returns, every value put before it is on
 stable storage (fsync'd, or acknowledged by the server).
 
-Leases: `acquire_lease(name, owner, ttl_s)` takes or renews a lease that expires `ttl_s` after
-its last renewal unless released; it fails while another owner holds it. A crashed owner's
-leases run out by themselves.
+Leases: `acquire_lease(name, owner, ttl_s)` takes a lease that expires `ttl_s` after its last
+renewal unless released; it fails while another owner holds it. `renew_lease` extends a lease
+only while its owner still holds it, and `put_fenced` writes only while a given lease is held by
+a given owner, in one atomic step: an owner whose lease ran out and was taken by another can
+never overwrite what the other wrote. A crashed owner's leases run out by themselves.
 """
 
 from __future__ import annotations
@@ -57,13 +59,27 @@ class StoreBackend(ABC):
     def delete(self, kind: str, key: str) -> None: ...
 
     @abstractmethod
+    def delete_if_idle(self, kind: str, key: str, min_age_s: float) -> bool:
+        """Delete unless written or touched in the last `min_age_s` seconds, atomically where the
+        backend can (a collection must not delete a blob another replica has just touched)."""
+
+    @abstractmethod
     def list(self, kind: str) -> dict[str, Stat]: ...
 
     def barrier(self) -> None:
         """Everything put so far is on stable storage when this returns."""
 
     @abstractmethod
-    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool: ...
+    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lease if nobody holds it (or it expired), or renew it if `owner` does."""
+
+    @abstractmethod
+    def renew_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Extend the lease if `owner` still holds it; False if it is lost (expired, or taken)."""
+
+    @abstractmethod
+    def put_fenced(self, kind: str, key: str, data: bytes, lease: str, owner: str) -> bool:
+        """`put`, only if `owner` holds lease `lease` now (checked and written atomically)."""
 
     @abstractmethod
     def release_lease(self, name: str, owner: str) -> None:
@@ -75,7 +91,6 @@ class StoreBackend(ABC):
 
     def close(self) -> None:
         pass
-
 
 
 class MemoryBackend(StoreBackend):
@@ -112,6 +127,14 @@ class MemoryBackend(StoreBackend):
     def delete(self, kind, key):
         self.values.pop((kind, key), None)
 
+    def delete_if_idle(self, kind, key, min_age_s):
+        with self.lock:
+            item = self.values.get((kind, key))
+            if item is None or time.monotonic() - item[1] < min_age_s:
+                return False
+            del self.values[(kind, key)]
+            return True
+
     def list(self, kind):
         now = time.monotonic()
         return {k: Stat(len(v), now - t) for (c, k), (v, t) in list(self.values.items()) if c == kind}
@@ -124,6 +147,20 @@ class MemoryBackend(StoreBackend):
             self.leases[name] = (owner, time.monotonic() + ttl_s)
             return True
 
+    def renew_lease(self, name, owner, ttl_s):
+        with self.lock:
+            if not self._holds(name, owner):
+                return False
+            self.leases[name] = (owner, time.monotonic() + ttl_s)
+            return True
+
+    def put_fenced(self, kind, key, data, lease, owner):
+        with self.lock:
+            if not self._holds(lease, owner):
+                return False
+            self.put(kind, key, data)
+            return True
+
     def release_lease(self, name, owner):
         with self.lock:
             if self.leases.get(name, ("",))[0] == owner:
@@ -132,6 +169,9 @@ class MemoryBackend(StoreBackend):
     def lease_owner(self, name):
         held = self.leases.get(name)
         return held[0] if held is not None and held[1] > time.monotonic() else None
+
+    def _holds(self, name: str, owner: str) -> bool:
+        return self.lease_owner(name) == owner
 
 
 def open_backend(spec: str) -> StoreBackend:

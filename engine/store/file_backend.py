@@ -5,17 +5,21 @@
 
 Every value is written to a temporary file, fsync'd and renamed into place, so a crash leaves
 the old value or the new one; `barrier()` fsyncs the directories that renames touched, after
-which the renames themselves survive a power cut. Leases are small files created with link(2)
-(atomic, fails if present) and taken over by rename(2) once expired.
+which the renames themselves survive a power cut. Leases are small files, read and written
+under an flock(2), so taking, renewing and fencing on them is atomic across processes (on a
+local filesystem: flock does not lock across NFS clients).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .backend import BackendError, Stat, StoreBackend
@@ -23,6 +27,7 @@ from .backend import BackendError, Stat, StoreBackend
 LAYOUT = {"manifest": ("manifests", ".json"), "block": ("blocks", ""), "slot": ("slots", ""),
           "response": ("responses", ".json")}
 FANOUT = {"block"}  # many small files: two-character subdirectories
+LOCK_STRIPES = 64
 
 
 class FileBackend(StoreBackend):
@@ -38,7 +43,6 @@ class FileBackend(StoreBackend):
             raise BackendError(f"session store {str(self.root)!r} cannot be created: {e.strerror or e}") from None
         self._dirty: set[Path] = set()
         self._lock = threading.Lock()
-
 
     def path(self, kind: str, key: str) -> Path:
         sub, suffix = LAYOUT[kind]
@@ -88,6 +92,24 @@ class FileBackend(StoreBackend):
         path.unlink(missing_ok=True)
         self._mark_dirty(path.parent)
 
+    def delete_if_idle(self, kind, key, min_age_s):
+        # Rename aside, then look at the age again: a touch that came before the rename shows,
+        # and the value goes back. (A touch after the rename finds nothing and rewrites it.)
+        path = self.path(kind, key)
+        aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.del")
+        try:
+            if time.time() - path.stat().st_mtime < min_age_s:
+                return False
+            os.rename(path, aside)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if time.time() - aside.stat().st_mtime < min_age_s:
+            os.replace(aside, path)
+            return False
+        aside.unlink()
+        self._mark_dirty(path.parent)
+        return True
+
     def list(self, kind):
         sub, suffix = LAYOUT[kind]
         folders = [p for p in (self.root / sub).iterdir() if p.is_dir()] if kind in FANOUT else [self.root / sub]
@@ -131,45 +153,61 @@ class FileBackend(StoreBackend):
             self._dirty.add(folder)
 
     # --- leases ----------------------------------------------------------------------------
+    # Every lease operation, and a fenced put, runs under an flock(2) on one of LOCK_STRIPES
+    # lock files (picked by the lease's name), so check-then-write is atomic across processes.
     def acquire_lease(self, name, owner, ttl_s):
-        path = self.root / "leases" / name
-        record = json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode()
-        held = self._read_lease(path)
-        if held is not None and held["owner"] == owner:
-            os.replace(self._write_temp(path, record), path)  # a renewal
-            return True
-        if held is not None and held["expires"] > time.time():
-            return False
-        if held is not None:  # expired: exactly one taker wins the rename
-            try:
-                os.rename(path, path.with_name(f".{name}.stale.{secrets.token_hex(4)}"))
-            except FileNotFoundError:
+        with self._lease_lock(name):
+            held = self._read_lease(name)
+            if held is not None and held["owner"] != owner and held["expires"] > time.time():
                 return False
-        tmp = self._write_temp(path, record)
-        try:
-            os.link(tmp, path)
+            self._write_lease(name, owner, ttl_s)
             return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-            for stale in path.parent.glob(f".{name}.stale.*"):
-                stale.unlink(missing_ok=True)
+
+    def renew_lease(self, name, owner, ttl_s):
+        with self._lease_lock(name):
+            if not self._holds(name, owner):
+                return False
+            self._write_lease(name, owner, ttl_s)
+            return True
+
+    def put_fenced(self, kind, key, data, lease, owner):
+        with self._lease_lock(lease):
+            if not self._holds(lease, owner):
+                return False
+            self.put(kind, key, data)
+            return True
 
     def release_lease(self, name, owner):
-        path = self.root / "leases" / name
-        held = self._read_lease(path)
-        if held is not None and held["owner"] == owner:
-            path.unlink(missing_ok=True)
+        with self._lease_lock(name):
+            held = self._read_lease(name)
+            if held is not None and held["owner"] == owner:
+                self._lease_path(name).unlink(missing_ok=True)
 
     def lease_owner(self, name):
-        held = self._read_lease(self.root / "leases" / name)
+        held = self._read_lease(name)
         return held["owner"] if held is not None and held["expires"] > time.time() else None
 
-    @staticmethod
-    def _read_lease(path: Path) -> dict | None:
+    def _holds(self, name: str, owner: str) -> bool:
+        return self.lease_owner(name) == owner
+
+    def _lease_path(self, name: str) -> Path:
+        return self.root / "leases" / name
+
+    @contextmanager
+    def _lease_lock(self, name: str):
+        stripe = int(hashlib.blake2b(name.encode(), digest_size=2).hexdigest(), 16) % LOCK_STRIPES
+        with open(self.root / "leases" / f".lock-{stripe:02d}", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file drops the lock
+
+    def _write_lease(self, name: str, owner: str, ttl_s: float) -> None:
+        path = self._lease_path(name)
+        record = json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode()
+        os.replace(self._write_temp(path, record), path)  # readers see the old record or the new
+
+    def _read_lease(self, name: str) -> dict | None:
         try:
-            held = json.loads(path.read_bytes())
+            held = json.loads(self._lease_path(name).read_bytes())
             return {"owner": str(held["owner"]), "expires": float(held["expires"])}
         except FileNotFoundError:
             return None

@@ -127,8 +127,12 @@ class StoreIndex:
                     size -= self.blobs.get(ref, 0)
         return chosen
 
-    def rebuild(self, entries: Iterable[SessionEntry], blobs: dict[Ref, int]) -> None:
-        """Start over from a scan of the store (startup, a collection)."""
+    def rebuild(self, entries: list[SessionEntry], blobs: dict[Ref, int]) -> None:
+        """Start over from a scan of the store (startup, a collection). A session keeps the
+        most recent use known, the scan's or this index's own."""
+        known = {sid: e.last_used for sid, e in self.entries.items()}
         self.entries, self.blobs, self.refs = OrderedDict(), dict(blobs), Counter()
+        for entry in entries:
+            entry.last_used = max(entry.last_used, known.get(entry.session_id, entry.last_used))
         for entry in sorted(entries, key=lambda e: e.last_used):
             self.add(entry)

@@ -2,11 +2,14 @@
 
 Keys: `mcserve:<kind>:<key>` (strings) and `mcserve:lease:<session>` (owner, with a TTL). A
 write is durable as far as the Redis server makes it (AOF with `appendfsync always` for a
-turn that survives the Redis host too; see deploy/). Leases are one SET NX PX, renewed and
-released by compare-and-set scripts, so only their owner can extend or drop them.
+turn that survives the Redis host too; see deploy/). Leases are keys with a TTL; taking,
+renewing, releasing and the fenced manifest write are Lua scripts, so each is one atomic step
+on the server and only a lease's owner can extend it, drop it or write under it.
 """
 
 from __future__ import annotations
+
+import math
 
 import redis
 
@@ -19,6 +22,22 @@ if (not cur) or cur == ARGV[1] then
   return 1
 end
 return 0
+"""
+EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+FENCED_SET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+DELETE_IF_IDLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('OBJECT', 'IDLETIME', KEYS[1]) < tonumber(ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1])
 """
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -39,7 +58,9 @@ class RedisBackend(StoreBackend):
             raise BackendError(f"session store {url}: {e}") from None
         self._renew = self.client.register_script(RENEW)
         self._release = self.client.register_script(RELEASE)
-
+        self._extend = self.client.register_script(EXTEND)
+        self._fenced_set = self.client.register_script(FENCED_SET)
+        self._delete_if_idle = self.client.register_script(DELETE_IF_IDLE)
 
     def _key(self, kind: str, key: str) -> str:
         return f"{self.prefix}:{kind}:{key}"
@@ -58,6 +79,9 @@ class RedisBackend(StoreBackend):
 
     def delete(self, kind, key):
         self._do(self.client.delete, self._key(kind, key))
+
+    def delete_if_idle(self, kind, key, min_age_s):
+        return bool(self._do(self._delete_if_idle, keys=[self._key(kind, key)], args=[math.ceil(min_age_s)]))
 
     def list(self, kind):
         keys = self._do(lambda: list(self.client.scan_iter(match=self._key(kind, "*"), count=1000)))
@@ -78,6 +102,13 @@ class RedisBackend(StoreBackend):
 
     def acquire_lease(self, name, owner, ttl_s):
         return bool(self._do(self._renew, keys=[self._key("lease", name)], args=[owner, max(1, int(ttl_s * 1000))]))
+
+    def renew_lease(self, name, owner, ttl_s):
+        return bool(self._do(self._extend, keys=[self._key("lease", name)], args=[owner, max(1, int(ttl_s * 1000))]))
+
+    def put_fenced(self, kind, key, data, lease, owner):
+        return bool(self._do(self._fenced_set, keys=[self._key("lease", lease), self._key(kind, key)],
+                             args=[owner, data]))
 
     def release_lease(self, name, owner):
         self._do(self._release, keys=[self._key("lease", name)], args=[owner])
