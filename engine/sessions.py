@@ -34,7 +34,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -95,7 +95,8 @@ class StoreStats:
     slots_collected: int = 0
     evictions: Counter = field(default_factory=Counter)         # memory, store
     integrity_errors: Counter = field(default_factory=Counter)  # missing, truncated, checksum, ...
-    write_errors: list[str] = field(default_factory=list)
+    write_errors: int = 0
+    recent_write_errors: deque = field(default_factory=lambda: deque(maxlen=8))  # for /health
     converted_v1: int = 0
     write_seconds: list[int] = field(default_factory=lambda: [0] * (len(WRITE_BUCKETS) + 1))
     write_seconds_sum: float = 0.0
@@ -408,7 +409,8 @@ class SessionStore:
             self.stats.observe_write(time.monotonic() - started)
             return entry
         except (OSError, SessionError) as e:
-            self.stats.write_errors.append(f"session {sid!r}: {e}")
+            self.stats.write_errors += 1
+            self.stats.recent_write_errors.append(f"session {sid!r}: {e}")
             log.error("session %r was not saved: %s", sid, e)
             with self.lock:
                 self.memory.drop(sid)  # do not serve a state the store does not have

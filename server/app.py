@@ -63,9 +63,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         if engine.step_error is not None:
             return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
         store = engine.engine.sessions
-        errors_seen = store.stats.write_errors if store is not None else []
-        if errors_seen:  # serving works, persistence does not
-            return {"status": "degraded", "session_write_errors": errors_seen[-3:]}
+        if store is not None and store.stats.write_errors:  # serving works, persistence does not
+            return {"status": "degraded", "session_write_errors": store.stats.write_errors,
+                    "recent": list(store.stats.recent_write_errors)[-3:]}
         return {"status": "ok"}
 
     @app.get("/version")

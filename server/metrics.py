@@ -104,7 +104,7 @@ def store_metrics(store, evictions: CounterMetricFamily):
     for kind in ("missing", "truncated", "checksum", "format", "mismatch"):
         integrity.add_metric([kind], stats.integrity_errors[kind])
     yield integrity
-    yield _counter("session_write_errors", "Session turns that could not be saved.", len(stats.write_errors))
+    yield _counter("session_write_errors", "Session turns that could not be saved.", stats.write_errors)
     hist = HistogramMetricFamily(P + "session_store_write_seconds", "Time to make one session turn durable "
                                  "(its blocks, slot and manifest).", labels=["backend"])
     cumulative, buckets = 0, []

@@ -124,6 +124,19 @@ def test_session_survives_a_server_restart(model_dir, tmp_path):
     assert second["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
 
 
+def test_a_turn_that_could_not_be_saved_is_answered_and_health_says_degraded(model_dir, tmp_path):
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "stuck.json").mkdir()  # the manifest's rename onto it fails
+    body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 3, "session_id": "stuck"}
+    with running_server(model_dir, tmp_path) as (url, _):
+        answer = httpx.post(url + "/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "degraded" and health["session_write_errors"] == 1
+        assert "stuck" in health["recent"][-1]
+        assert metric(httpx.get(url + "/metrics").text, "mcserve:session_write_errors_total") == 1
+
+
 def whole_segments(tokens, segment_size=8):
     return tokens // segment_size * segment_size
 

@@ -265,7 +265,7 @@ def test_a_failed_session_write_is_reported_not_fatal(model, tmp_path):
         finals += [o for o in engine.step() if o.finished]
     with pytest.raises(OSError):
         finals[0].persisted.result(timeout=30)
-    assert engine.sessions.stats.write_errors and "blocked" in engine.sessions.stats.write_errors[-1]
+    assert engine.sessions.stats.write_errors == 1 and "blocked" in engine.sessions.stats.recent_write_errors[-1]
     assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left behind
     assert seq.output_ids  # the turn itself was answered
     run(engine, P1, "fine")  # and the engine goes on
