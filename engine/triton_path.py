@@ -44,7 +44,7 @@ def triton_decode_step(mixer, x: torch.Tensor, st, pos: torch.Tensor, online_poo
         cached, g_online = cached_readout_triton(ckpt_pool, summary_pool, table, lengths, q, u, r_online,
                                                  c.aggregation, c.ssc_top_k, c.score_scale)
         y = g_online[..., None] * online + cached
-    return mixer.finish(y[:, :, None], p.gate, x), key_sum
+    return mixer.finish(y[:, :, None], p, x), key_sum
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,11 @@ class ShortConv(nn.Module):
     which the caller stores in the recurrent state (zeros at the start of a sequence).
     """
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, channels: int, width: int, bias: bool = False):
         super().__init__()
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, width))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         # Start close to the identity (the newest input), so early training sees clean q, k, v.
         with torch.no_grad():
             self.weight.normal_(0.0, 0.02)
@@ -66,6 +67,8 @@ class ShortConv(nn.Module):
             out = (full.float() * weight.t()).sum(1, keepdim=True).to(full.dtype)
         else:
             out = CausalDepthwiseConv.apply(full.float(), weight).to(full.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
         return F.silu(out), full[:, full.shape[1] - (self.width - 1):]
 
 

@@ -177,8 +177,10 @@ class DeltaMemory(Memory):
         return out, M1
 
 
-def build_memory(config: ModelConfig) -> Memory:
-    if config.memory == "linear":
+def build_memory(config: ModelConfig, own_gates: bool = True) -> Memory:
+    """The memory of `config`; with `own_gates` False the parametrisation computes the decay
+    (Mamba2's dt A) and the memory holds no parameters of its own."""
+    if config.memory == "linear" or (config.memory == "gla" and not own_gates):
         return GatedLinearMemory(config, decay=False)
     if config.memory == "gla":
         return GatedLinearMemory(config, decay=True)

@@ -1,5 +1,10 @@
 """The Memory Caching mixer: one MC memory layer with its three execution paths.
 
+`Mixer` holds the paths, written once over a memory (models/memory.py) and a parametrisation:
+`project` (token features -> q, k, v, decay, gates, conv) and `finish` (read-outs -> the
+layer's output). `MCMixer` is mcserve's own parametrisation; models/mamba2.py is transformers'
+Mamba2. The engine reaches every one through the same two methods.
+
 - `naive`: a token loop written straight from the equations (DESIGN.md section 1), the reference;
 - `chunked`: the parallel form over a whole chunk of tokens, starting from any state (training,
   prefill); chunks never straddle a segment boundary, so checkpoints fall out at chunk ends;
@@ -42,9 +47,10 @@ class Projected:
     u: torch.Tensor | None           # [B,H,T,dk], the connector that scores segments
     log_a: torch.Tensor              # [B,H,T], log decay (0 without decay)
     beta: torch.Tensor | None        # [B,H,T], delta write strength
-    gate: torch.Tensor               # [B,T,H*dv], output gate (pre-sigmoid)
+    gate: torch.Tensor               # [B,T,*], output gate (pre-activation)
     conv_tail: torch.Tensor | None   # [B,W-1,C], conv inputs after the span
     conv_window: torch.Tensor | None  # [B,W-1+T,C], old tail + the span's conv inputs
+    skip: torch.Tensor | None = None  # [B,H,T,dv], added to the read-out (Mamba2's D x)
 
     def conv_tail_at(self, offset: int) -> torch.Tensor | None:
         """The conv tail after the first `offset` tokens of the span (for a checkpoint there)."""
@@ -54,21 +60,24 @@ class Projected:
         return self.conv_window[:, offset:offset + width]
 
 
-class MCMixer(nn.Module):
+class Mixer(nn.Module):
+    """The paths; a subclass gives `project`, `finish` and its `conv` (a ShortConv or None)."""
+
+    conv: ShortConv | None
+    memory_owns_gates = True  # False: `project` computes log_a and beta itself
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        c = self.config = config
-        H, dk, dv, d = c.n_heads, c.dk, c.dv, c.d_model
-        # One input projection: q, k, v lead it, so that they are one split of it (a view, and one
-        # concatenation in the backward); then the output gate and (if scored) the connector u.
-        self.qkv_splits = [H * dk, H * dk, H * dv]
-        self.proj_splits = [sum(self.qkv_splits), H * dv] + ([H * dk] if c.scores_segments else [])
-        self.in_proj = nn.Linear(d, sum(self.proj_splits), bias=False)
-        self.conv = ShortConv(sum(self.qkv_splits), c.conv_size) if c.conv_size else None
-        self.memory = build_memory(c)
-        self.head_norm = RMSNorm(dv, c.norm_eps)
-        self.o_proj = nn.Linear(H * dv, d, bias=False)
-        self.chunk_size = pick_chunk_size(c.segment_size)
+        self.config = config
+        self.memory = build_memory(config, self.memory_owns_gates)
+        self.chunk_size = pick_chunk_size(config.segment_size)
+
+    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
+        raise NotImplementedError
+
+    def finish(self, y: torch.Tensor, p: Projected, x: torch.Tensor) -> torch.Tensor:
+        """y [B,H,T,dv], the read-outs of the span `p` -> the layer's output [B,T,d]."""
+        raise NotImplementedError
 
     # --- shared pieces ---------------------------------------------------------------------
     def new_state(self, batch: int, device=None) -> LayerState:
@@ -80,29 +89,6 @@ class MCMixer(nn.Module):
             ckpts=zeros(batch, H, 0, dk, dv), summaries=zeros(batch, H, 0, dk),
             conv_tail=self.conv.new_tail(batch, device) if self.conv else None,
             ckpt_conv=zeros(batch, 0, *self.conv.new_tail(1).shape[1:]) if self.conv else None)
-
-    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
-        c = self.config
-        H, dk, dv = c.n_heads, c.dk, c.dv
-        qkv, gate, *u = self.in_proj(x).split(self.proj_splits, dim=-1)
-        conv_window = None
-        if self.conv is not None:
-            conv_window = self.conv.window(qkv, conv_tail)
-            qkv, conv_tail = self.conv.convolve(conv_window)
-        q, k, v = qkv.float().split(self.qkv_splits, dim=-1)
-        # Normalised per head before the heads-first transpose: a contiguous last dim is ~2x faster.
-        normed = lambda t: F.normalize(t.unflatten(-1, (H, dk)), dim=-1, eps=1e-6).transpose(1, 2)  # noqa: E731
-        heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
-        log_a, beta = self.memory.gates(x)
-        return Projected(
-            q=normed(q), k=normed(k), v=heads(v, dv),
-            u=heads(u[0].float(), dk) if c.scores_segments else None,
-            log_a=log_a, beta=beta, gate=gate, conv_tail=conv_tail, conv_window=conv_window)
-
-    def finish(self, y: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y [B,H,T,dv] -> per-head RMSNorm, output gate, W_o -> [B,T,d]."""
-        y = self.head_norm(y).transpose(1, 2).flatten(2)
-        return self.o_proj((y * torch.sigmoid(gate.float())).to(x.dtype))
 
     def _score(self, u: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         return (u * summaries).sum(-1) * self.config.score_scale
@@ -137,7 +123,7 @@ class MCMixer(nn.Module):
                 key_sum, count = torch.zeros_like(key_sum), 0
                 if c.boundary == "reset":
                     M = torch.zeros_like(M)
-        return self.finish(torch.stack(outs, dim=2), p.gate, x)
+        return self.finish(torch.stack(outs, dim=2), p, x)
 
     def _naive_gated_read(self, M, ckpts, summaries, q_t, u_t, online_summary):
         c, mem = self.config, self.memory
@@ -193,7 +179,7 @@ class MCMixer(nn.Module):
         else:
             y = self._chunked_gated(q, u, k, online, st, visible, key_sum_at_start, pos - front)
         y = y.flatten(2, 3)[:, :, front:front + T]
-        return self.finish(y, p.gate, x)
+        return self.finish(y, p, x)
 
     def _segment_ends(self, base: int, n_chunks: int, end_of_input: int) -> list[bool]:
         """Which chunks finish a segment inside this call (chunk n covers [base + nL, base + (n+1)L))."""
@@ -333,7 +319,7 @@ class MCMixer(nn.Module):
             if isinstance(count, torch.Tensor):
                 count = count.view(-1, 1, 1).to(key_sum.dtype)
             y = self._step_gated(M, online, q, p.u[:, :, 0], key_sum / count, source)
-        return self.finish(y[:, :, None], p.gate, x), M, key_sum
+        return self.finish(y[:, :, None], p, x), M, key_sum
 
     def _step_gated(self, M, online, q, u, online_summary, source):
         c, mem = self.config, self.memory
@@ -350,3 +336,44 @@ class MCMixer(nn.Module):
         if c.aggregation == "soup":  # mix every memory, online included, then read once
             return mem.read(mixed + g_online[..., None, None] * M, q)
         return g_online[..., None] * online + mem.read(mixed, q)
+
+
+class MCMixer(Mixer):
+    """mcserve's own parametrisation: one input projection (q, k, v, the output gate, u), a short
+    convolution over q, k, v, L2-normalised q and k, per-head RMSNorm and a sigmoid gate."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        c = config
+        H, dk, dv, d = c.n_heads, c.dk, c.dv, c.d_model
+        # One input projection: q, k, v lead it, so that they are one split of it (a view, and one
+        # concatenation in the backward); then the output gate and (if scored) the connector u.
+        self.qkv_splits = [H * dk, H * dk, H * dv]
+        self.proj_splits = [sum(self.qkv_splits), H * dv] + ([H * dk] if c.scores_segments else [])
+        self.in_proj = nn.Linear(d, sum(self.proj_splits), bias=False)
+        self.conv = ShortConv(sum(self.qkv_splits), c.conv_size) if c.conv_size else None
+        self.head_norm = RMSNorm(dv, c.norm_eps)
+        self.o_proj = nn.Linear(H * dv, d, bias=False)
+
+    def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
+        c = self.config
+        H, dk, dv = c.n_heads, c.dk, c.dv
+        qkv, gate, *u = self.in_proj(x).split(self.proj_splits, dim=-1)
+        conv_window = None
+        if self.conv is not None:
+            conv_window = self.conv.window(qkv, conv_tail)
+            qkv, conv_tail = self.conv.convolve(conv_window)
+        q, k, v = qkv.float().split(self.qkv_splits, dim=-1)
+        # Normalised per head before the heads-first transpose: a contiguous last dim is ~2x faster.
+        normed = lambda t: F.normalize(t.unflatten(-1, (H, dk)), dim=-1, eps=1e-6).transpose(1, 2)  # noqa: E731
+        heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
+        log_a, beta = self.memory.gates(x)
+        return Projected(
+            q=normed(q), k=normed(k), v=heads(v, dv),
+            u=heads(u[0].float(), dk) if c.scores_segments else None,
+            log_a=log_a, beta=beta, gate=gate, conv_tail=conv_tail, conv_window=conv_window)
+
+    def finish(self, y: torch.Tensor, p: Projected, x: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm, the sigmoid output gate, W_o."""
+        y = self.head_norm(y).transpose(1, 2).flatten(2)
+        return self.o_proj((y * torch.sigmoid(p.gate.float())).to(x.dtype))

@@ -18,21 +18,30 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
+from .mamba2 import Mamba2Mixer
 from .mixer import MCMixer
 from .state import MCState, StateError
 
 
+MIXERS = {"mcserve": MCMixer, "mamba2": Mamba2Mixer}
+
+
 class Block(nn.Module):
+    """Pre-norm residual: the mixer, then (unless `mlp` is "none", as in Mamba2) a SwiGLU."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = MCMixer(config)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.mixer = MIXERS[config.arch](config)
+        if config.mlp == "swiglu":
+            self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+            self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        else:
+            self.mlp_norm = self.mlp = None
 
     def forward(self, x: torch.Tensor, mix) -> torch.Tensor:
         x = x + mix(self.mixer, self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
 class MCModel(nn.Module):

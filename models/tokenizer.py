@@ -29,19 +29,25 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """Encode/decode text and render chats; `eos_ids` are the tokens that end a generation."""
 
-    def __init__(self, hf: HFTokenizer, chat_template: str | None = None):
+    def __init__(self, hf: HFTokenizer, chat_template: str | None = None,
+                 special_tokens: dict[str, str | None] | None = None, eos_ids: list[int] | None = None):
+        """`special_tokens` (bos_token, eos_token) are given to the chat template, as transformers
+        does; `eos_ids` end a generation (by default: <|endoftext|>, <|im_end|> and eos_token)."""
         self.hf = hf
         self.chat_template = chat_template or CHATML_TEMPLATE
         self._template = _compile(self.chat_template)
-        self.eos_ids = sorted({i for t in ("<|endoftext|>", IM_END) if (i := hf.token_to_id(t)) is not None})
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        names = ("<|endoftext|>", IM_END, self.special_tokens.get("eos_token"))
+        named = {i for t in names if t is not None and (i := hf.token_to_id(t)) is not None}
+        self.eos_ids = sorted(named | set(eos_ids or ()))
 
     @classmethod
-    def from_file(cls, path: str | Path, chat_template: str | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | Path, chat_template: str | None = None, **options) -> "Tokenizer":
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
-        return cls(hf, chat_template)
+        return cls(hf, chat_template, **options)
 
     @property
     def vocab_size(self) -> int:
@@ -54,7 +60,8 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     raise_exception=_raise, **self.special_tokens)
 
     def save(self, directory: Path) -> None:
         self.hf.save(str(directory / "tokenizer.json"))
@@ -85,6 +92,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                   show_progress=False)
     hf.train_from_iterator(texts, trainer)
     return Tokenizer(hf)
+
+
+def _raise(message: str):
+    """`raise_exception` of transformers' chat templates (a template refusing its input)."""
+    raise TokenizerError(f"the chat template refused the messages: {message}")
 
 
 def _compile(template: str) -> jinja2.Template:

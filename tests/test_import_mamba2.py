@@ -1,0 +1,135 @@
+"""Mamba2 checkpoints saved by transformers load as they are and compute what transformers
+computes: random-initialised `Mamba2ForCausalLM`s made by transformers itself, in three
+configurations (grouped B and C, head and state sizes that are not powers of two, biases, tied
+embeddings, a dt limit). mcserve's naive, chunked and prefill + decode logits equal the
+reference's over 320 tokens (five segments), and greedy generation through the engine and
+through the HTTP server equals transformers' greedy loop."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+import models
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams
+from models.tokenizer import CHATML_TEMPLATE
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300  # the byte tokenizer's 259 tokens, and some never produced
+CONFIGS = {
+    "plain": dict(hidden_size=64, num_heads=4, head_dim=32, state_size=16, n_groups=1, expand=2),
+    "groups": dict(hidden_size=48, num_heads=6, head_dim=16, state_size=12, n_groups=3, expand=2,
+                   conv_kernel=3),
+    "odd": dict(hidden_size=40, num_heads=5, head_dim=24, state_size=10, n_groups=5, expand=3, use_bias=True,
+                tie_word_embeddings=True, time_step_limit=(0.0, 0.05)),
+}
+TOL = 1e-4
+
+
+def reference_model(name, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.Mamba2Config(vocab_size=VOCAB, num_hidden_layers=2, layer_norm_epsilon=1e-5,
+                                       eos_token_id=256, pad_token_id=256, bos_token_id=256, **CONFIGS[name])
+    model = transformers.Mamba2ForCausalLM(config).float().eval()
+    with torch.no_grad():  # away from the initial values, so every parameter is exercised
+        for pname, p in model.named_parameters():
+            if pname.endswith("A_log"):
+                p.add_(0.5 * torch.rand_like(p))
+            elif pname.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif pname.endswith("dt_bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15 if "conv1d" in pname else 0.05)
+    return model
+
+
+def save_reference(model, directory):
+    model.save_pretrained(directory)
+    models.byte_tokenizer().hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))
+    return directory
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    reference = reference_model(request.param)
+    directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / "mamba2-tiny")
+    return request.param, reference, models.load(directory), directory
+
+
+def tokens(n=320, seed=1):
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_config_and_tensors_map_onto_mcserve(pair):
+    name, reference, model, _ = pair
+    c = model.config
+    assert (c.arch, c.memory, c.aggregation, c.mlp) == ("mamba2", "gla", "none", "none")
+    assert (c.n_heads, c.dv, c.dk, c.n_groups) == (reference.config.num_heads, reference.config.head_dim,
+                                                  reference.config.state_size, reference.config.n_groups)
+    ours = sum(p.numel() for p in model.parameters())
+    theirs = sum(p.numel() for p in reference.parameters())
+    assert ours == theirs - (VOCAB * c.d_model if c.tie_embeddings and reference.lm_head.weight is not
+                             reference.backbone.embeddings.weight else 0)
+
+
+def test_logits_equal_the_reference_on_every_path(pair):
+    name, reference, model, _ = pair
+    ids = tokens()
+    with torch.no_grad():
+        want = reference(ids).logits
+        chunked, naive = model(ids), model.naive_forward(ids)
+        state = model.new_state(1)
+        split = model.prefill(ids[:, :133], state)
+        stepped = torch.stack([model.decode(ids[:, t], state) for t in range(133, ids.shape[1])], dim=1)
+    for got in (chunked, naive, torch.cat([split, stepped], dim=1)):
+        assert (got - want).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", ["plain", "groups"])
+def test_engine_greedy_equals_the_references_greedy_loop(name, tmp_path):
+    # (transformers' own decode step ignores time_step_limit, so "odd" is compared on logits only)
+    reference = reference_model(name)
+    model = models.load(save_reference(reference, tmp_path / "m"))
+    prompts = [tokens(n, seed=n)[0].tolist() for n in (5, 70, 150)]
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, num_device_blocks=32, max_prefill_chunk=48))
+    got = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    for prompt, ours in zip(prompts, got):
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+        assert ours == out[0, len(prompt):].tolist()
+
+
+def test_greedy_through_the_http_server_equals_the_reference(tmp_path):
+    from tests.server_helpers import running_server
+    reference = reference_model("plain")
+    directory = save_reference(reference, tmp_path / "mamba2-tiny")
+    prompt = tokens(90, seed=7)[0].tolist()
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    text = models.load(directory).tokenizer.decode(want[0, len(prompt):].tolist())
+    with running_server(directory, tmp_path / "sessions") as (url, _):
+        body = {"model": "mamba2-tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == text
+        chat = {"model": "mamba2-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+
+
+def test_what_cannot_be_honoured_is_a_one_line_error(tmp_path):
+    reference = reference_model("plain")
+    directory = save_reference(reference, tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    for change, message in [({"architectures": ["FalconMambaForCausalLM"]}, "not supported"),
+                            ({"hidden_act": "gelu"}, "hidden_act"),
+                            ({"expand": 3}, "expand"),
+                            ({"n_groups": 3}, "n_groups")]:
+        (directory / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(models.ModelLoadError, match=message) as err:
+            models.load(directory)
+        assert "\n" not in str(err.value)
