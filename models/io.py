@@ -70,6 +70,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", require_tokenizer
         tensors = hf_import.rename_tensors(tensors, config)
     _install_weights(model, tensors, source)
     model.tokenizer = _load_tokenizer(path, config, require_tokenizer, values if foreign else None)
+    model.source = hf_import.architecture(values) if foreign else "mcserve"
     return model.to(device).eval()
 
 

@@ -53,6 +53,7 @@ class MCModel(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tokenizer = None  # set by models.load / the trainer (models.tokenizer.Tokenizer)
+        self.source = "mcserve"  # what the weights were loaded as (models.load: e.g. "Mamba2ForCausalLM")
         self._fingerprint: str | None = None
         self._init_weights()
 

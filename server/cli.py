@@ -20,6 +20,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise CLIError(str(e)) from None
     print(json.dumps({
         "path": str(args.model),
+        "loaded_as": model.source,
         "fingerprint": model.fingerprint,
         "parameters": model.num_parameters(),
         "tokenizer_vocab": model.tokenizer.vocab_size if model.tokenizer else None,

@@ -10,9 +10,13 @@ TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=2, dk=6, dv=10, mlp_h
             segment_size=5, conv_size=3, ssc_top_k=2)
 
 
-def tiny_model(seed: int = 0, **overrides) -> models.MCModel:
+# What each architecture needs on top of TINY (tests that run on every one parametrise over these).
+ARCHS = {"mcserve": {}, "mamba2": dict(arch="mamba2", memory="gla", mlp="none", n_groups=2, conv_bias=True)}
+
+
+def tiny_model(seed: int = 0, arch: str = "mcserve", **overrides) -> models.MCModel:
     """A tiny model whose weights are loud enough that every part of the state matters."""
-    model = models.build({**TINY, **overrides}, seed=seed)
+    model = models.build({**TINY, **ARCHS[arch], **overrides}, seed=seed)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():

@@ -42,10 +42,11 @@ def assert_pools_empty(engine):
     assert usage["running"] == usage["waiting"] == usage["swapped"] == 0
 
 
-@pytest.mark.parametrize("memory,aggregation", [("gla", "grm"), ("delta", "ssc"), ("linear", "residual"),
-                                                ("gla", "none")])
-def test_batched_greedy_equals_one_at_a_time(memory, aggregation):
-    model = tiny_model(memory=memory, aggregation=aggregation)
+@pytest.mark.parametrize("arch,memory,aggregation", [
+    ("mcserve", "gla", "grm"), ("mcserve", "delta", "ssc"), ("mcserve", "linear", "residual"),
+    ("mcserve", "gla", "none"), ("mamba2", "gla", "none"), ("mamba2", "gla", "grm")])
+def test_batched_greedy_equals_one_at_a_time(arch, memory, aggregation):
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation)
     engine = make_engine(model)
     ps = prompts(6)
     seqs, step = [], 0
@@ -73,8 +74,9 @@ def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
         assert_pools_empty(engine)
 
 
-def test_prefix_reuse_shares_exactly_the_common_segments():
-    model = tiny_model(memory="gla", aggregation="grm")
+@pytest.mark.parametrize("arch", ["mcserve", "mamba2"])
+def test_prefix_reuse_shares_exactly_the_common_segments(arch):
+    model = tiny_model(arch=arch, memory="gla", aggregation="grm")
     engine = make_engine(model)
     shared = prompts(1, seed=5, lengths=(17,))[0]      # 3 whole segments of 5, then 2 tokens
     first = engine.add_request(shared + [1, 2, 3], GREEDY)
@@ -166,13 +168,14 @@ def test_n_samples_share_the_prompt_checkpoints():
     assert_pools_empty(engine)
 
 
-@pytest.mark.parametrize("memory,aggregation,boundary", [
-    ("gla", "grm", "carry"), ("delta", "ssc", "carry"), ("linear", "residual", "carry"), ("gla", "soup", "carry"),
-    ("delta", "none", "carry"), ("gla", "ssc", "reset"), ("delta", "grm", "reset")])
-def test_engine_on_triton_kernels_equals_torch_path(memory, aggregation, boundary):
+@pytest.mark.parametrize("arch,memory,aggregation,boundary", [
+    ("mcserve", "gla", "grm", "carry"), ("mcserve", "delta", "ssc", "carry"), ("mcserve", "linear", "residual", "carry"),
+    ("mcserve", "gla", "soup", "carry"), ("mcserve", "delta", "none", "carry"), ("mcserve", "gla", "ssc", "reset"),
+    ("mcserve", "delta", "grm", "reset"), ("mamba2", "gla", "none", "carry"), ("mamba2", "gla", "ssc", "carry")])
+def test_engine_on_triton_kernels_equals_torch_path(arch, memory, aggregation, boundary):
     """End to end: the kernels (decode step, cached read-out, segment end, chunk prefill;
     Triton interpreter on the CPU, real on CUDA) give the same greedy outputs as the torch path."""
-    model = tiny_model(memory=memory, aggregation=aggregation, boundary=boundary)
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation, boundary=boundary)
     ps = prompts(3, seed=2, lengths=(12, 3, 7))
     params = SamplingParams(max_tokens=9, temperature=0.0)
     torch_out = make_engine(model, kernels="torch").generate(ps, params)

@@ -133,3 +133,15 @@ def test_what_cannot_be_honoured_is_a_one_line_error(tmp_path):
         with pytest.raises(models.ModelLoadError, match=message) as err:
             models.load(directory)
         assert "\n" not in str(err.value)
+
+
+def test_mcserve_info_says_what_was_loaded(tmp_path):
+    import subprocess
+    import sys
+    directory = save_reference(reference_model("groups"), tmp_path / "m")
+    done = subprocess.run([sys.executable, "-m", "server.cli", "info", str(directory)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["loaded_as"] == "Mamba2ForCausalLM" and info["config"]["arch"] == "mamba2"
+    assert info["config"]["n_groups"] == 3 and info["tokenizer_vocab"] == 259

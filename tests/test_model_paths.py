@@ -9,7 +9,9 @@ import torch
 import models
 from tests.helpers import max_err, same_weights, tiny_model, tokens
 
-COMBOS = list(itertools.product(models.MEMORIES, models.AGGREGATIONS, models.BOUNDARIES))
+COMBOS = [("mcserve", *combo) for combo in itertools.product(models.MEMORIES, models.AGGREGATIONS, models.BOUNDARIES)]
+COMBOS += [("mamba2", "gla", aggregation, boundary)  # Mamba2's SSD is a gla memory
+           for aggregation, boundary in itertools.product(models.AGGREGATIONS, models.BOUNDARIES)]
 TOL = 1e-4
 
 
@@ -33,16 +35,16 @@ def assert_same_state(a, b):
             assert t.shape == tb[name].shape and max_err(t, tb[name]) < TOL, name
 
 
-@pytest.mark.parametrize("memory,aggregation,boundary", COMBOS)
+@pytest.mark.parametrize("arch,memory,aggregation,boundary", COMBOS)
 @torch.no_grad()
-def test_paths_agree(memory, aggregation, boundary):
-    model = tiny_model(memory=memory, aggregation=aggregation, boundary=boundary)
+def test_paths_agree(arch, memory, aggregation, boundary):
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation, boundary=boundary)
     toks = tokens(batch=3, length=27)  # segment 5: 5 full segments and a partial one
     reference = model.naive_forward(toks)
     assert max_err(model(toks), reference) < TOL
     whole = model.new_state(3)
     model.prefill(toks, whole)
-    rng = random.Random(f"{memory}{aggregation}{boundary}")
+    rng = random.Random(f"{arch}{memory}{aggregation}{boundary}")
     for _ in range(3):
         decode_from = rng.randint(1, 26)
         cuts = rng.sample(range(1, decode_from), k=min(3, decode_from - 1))

@@ -23,9 +23,9 @@ class PooledSequence:
         return [self.next_block() for _ in ends] if self.runner.model.config.caches_checkpoints else []
 
 
-@pytest.mark.parametrize("memory,aggregation,boundary", [
-    ("gla", "grm", "carry"), ("delta", "ssc", "reset"), ("linear", "residual", "carry"),
-    ("gla", "soup", "reset"), ("delta", "none", "carry")])
+@pytest.mark.parametrize("arch,memory,aggregation,boundary", [
+    ("mcserve", "gla", "grm", "carry"), ("mcserve", "delta", "ssc", "reset"), ("mcserve", "linear", "residual", "carry"),
+    ("mcserve", "gla", "soup", "reset"), ("mcserve", "delta", "none", "carry"), ("mamba2", "gla", "grm", "carry")])
 # bf16: the loud random test model amplifies rounding; on the bundled model the difference is
 # ~2e-3 (test_bf16_storage_on_the_bundled_model).
 @pytest.mark.parametrize("ckpt_dtype,tol", [("fp32", 1e-4), ("bf16", 0.5)])
@@ -34,10 +34,10 @@ class PooledSequence:
 # path is covered end to end in test_engine.)
 @pytest.mark.parametrize("path", ["torch", "padded"])
 @torch.no_grad()
-def test_batched_decode_over_pools_equals_model(memory, aggregation, boundary, ckpt_dtype, tol, path):
+def test_batched_decode_over_pools_equals_model(arch, memory, aggregation, boundary, ckpt_dtype, tol, path):
     if path == "padded" and ckpt_dtype == "bf16":
         pytest.skip("the kernels' bf16 storage is covered by the kernel tests")
-    model = tiny_model(memory=memory, aggregation=aggregation, boundary=boundary)
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation, boundary=boundary)
     runner = ModelRunner(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, num_device_blocks=40,
                                              num_host_blocks=8, ckpt_dtype=ckpt_dtype,
                                              kernels="torch" if path == "torch" else "triton"))

@@ -25,9 +25,9 @@ CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, num_device_bloc
                       max_prefill_chunk=16)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(memory="gla", aggregation="grm")
+@pytest.fixture(scope="module", params=["mcserve", "mamba2"])
+def model(request):
+    return tiny_model(arch=request.param, memory="gla", aggregation="grm")
 
 
 def engine_for(model, directory=None, limits=None, **options):
@@ -214,7 +214,7 @@ def test_saved_session_survives_kill_9(model, tmp_path):
         from tests.helpers import tiny_model
         from engine.llm_engine import LLMEngine
         from engine.sessions import SessionStore
-        model = tiny_model(memory="gla", aggregation="grm")
+        model = tiny_model(arch={model.config.arch!r}, memory="gla", aggregation="grm")
         engine = LLMEngine(model, CONFIG, SessionStore(model.fingerprint, {str(tmp_path / 'sessions')!r}))
         seq = engine.add_request(P1, GREEDY, session_id="crash")
         while engine.has_unfinished():
