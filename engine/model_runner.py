@@ -8,63 +8,25 @@ Pools (all layers in one tensor each, indexed [layer, id, ...]):
   `conv_tail` [L,S,W-1,C];
 - a host copy of the block pool for swapping (same layout, CPU memory).
 
-The math is the model's own: prefill runs `MCMixer.chunked` on a state gathered from the pools
-(with its chunk loop on `kernels/chunk_prefill` when the Triton path is on),
-decode runs `MCMixer.decode_step` on a batch gathered through padded block tables; this file
-only moves data in and out of the pools and does the segment-end bookkeeping per sequence.
+The math is the model's own: prefill runs `Mixer.chunked` on a state gathered from the pools
+(with its chunk loop on `kernels/chunk_prefill` when the Triton path is on); decode runs
+`Mixer.decode_step` through a decode backend (engine/decode_backends.py: torch, or the Triton
+kernels in place on the pools) and `Mixer.close_segment` for the segment end. This file only
+moves data in and out of the pools.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from models import MCModel
 from models.state import LayerState
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .triton_path import PrefillKernels, segment_end_triton, triton_decode_step
+from .decode_backends import PrefillKernels, TorchDecode, TritonDecode
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class PooledCheckpoints:
-    """A decode batch's checkpoints read in place from the pool through padded block tables.
-
-    `sum_i g_i C_i` is an `embedding_bag` over rows (block, head) of the pool: each checkpoint is
-    read once and nothing of size [B, n, H, dk, dv] is materialised (the torch reference of the
-    cached read-out kernel). For ssc only the selected blocks are read.
-    """
-
-    def __init__(self, ckpt: torch.Tensor, summary: torch.Tensor, table: torch.Tensor,
-                 mask: torch.Tensor | None):
-        self.pool, self.summary, self.table, self.mask = ckpt, summary, table, mask  # pool [N,H,dk,dv]
-        self.count = table.shape[1]
-
-    def summaries(self) -> torch.Tensor:
-        return self.summary[self.table].transpose(1, 2)  # [B,H,n,dk]
-
-    def weighted_sum(self, weights: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        B, H, n = weights.shape
-        N, _, dk, dv = self.pool.shape
-        if index is None:
-            blocks = self.table[:, None, :].expand(B, H, n)
-        else:
-            blocks = self.table.gather(1, index.flatten(1)).view(B, H, n)
-        rows = (blocks * H + torch.arange(H, device=blocks.device)[None, :, None]).flatten(0, 1)
-        flat = self.pool.view(N * H, dk * dv)
-        # bf16 storage reads half the bytes (4x faster here); the gates and the sum are rounded
-        # to bf16 too, a relative error of ~2e-3 on top of storing the checkpoints in bf16.
-        out = F.embedding_bag(rows, flat, per_sample_weights=weights.flatten(0, 1).to(flat.dtype), mode="sum")
-        return out.view(B, H, dk, dv).float()
-
-    def total(self) -> torch.Tensor:
-        B, n = self.table.shape
-        weights = torch.ones(B, self.pool.shape[1], n, device=self.table.device)
-        if self.mask is not None:
-            weights = weights * self.mask[:, None, :]
-        return self.weighted_sum(weights)
 
 
 class ModelRunner:
@@ -88,6 +50,7 @@ class ModelRunner:
 
         self.use_triton = config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda")
         self.scan = PrefillKernels() if self.use_triton else None
+        self.backend = TritonDecode if self.use_triton else TorchDecode
         # One spare block and one spare slot past the allocator's ids: the static decode step
         # (Triton path, CUDA graphs) sends the writes of padded rows and of rows whose segment
         # goes on there instead of branching on the host.
@@ -112,8 +75,8 @@ class ModelRunner:
             t[:, slot] = 0
         if last_block is None:
             return
-        if self.carry:  # the online memory continues from the checkpoint
-            self.slots["online"][:, slot] = self.blocks["ckpt"][:, last_block].float()
+        for layer, block in enumerate(self.model.blocks):
+            self.slots["online"][layer, slot] = block.mixer.restart_online(self.blocks["ckpt"][layer, last_block])
         if "conv_tail" in self.slots:
             self.slots["conv_tail"][:, slot] = self.blocks["block_conv"][:, last_block]
 
@@ -164,10 +127,8 @@ class ModelRunner:
                tokens: list[int], new_blocks: list[int | None]) -> torch.Tensor:
         """One token per sequence at its own position; a sequence whose segment ends writes its
         checkpoint to its entry of `new_blocks`. Returns logits [B, V]."""
-        if self.use_triton:
-            batch = self.decode_batch(slots, block_tables, positions, tokens, new_blocks)
-            return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
-        return self._decode_torch(slots, block_tables, positions, tokens, new_blocks)
+        batch = self.decode_batch(slots, block_tables, positions, tokens, new_blocks)
+        return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
 
     def decode_batch(self, slots, block_tables, positions, tokens, new_blocks, rows: int | None = None,
                      width: int | None = None) -> dict[str, torch.Tensor]:
@@ -186,53 +147,31 @@ class ModelRunner:
                 "end_blocks": as_tensor(ends)}
 
     def decode_static(self, tokens, positions, slot_ids, table, lengths, end_blocks) -> torch.Tensor:
-        """The Triton decode step with no host-side branching (so it can be captured in a CUDA
-        graph): rows whose segment ends are known only on the device (`end_blocks` >= 0), and every
-        other row sends its checkpoint writes to the spare block."""
-        S = self.segment_size
-        ends = end_blocks >= 0
-        end_rows = torch.where(ends, end_blocks, self.trash_block)
-        keep = (~ends).float()[:, None, None]
-        conv = self.slots.get("conv_tail")
+        """The decode step with no host-side branching (so it can be captured in a CUDA graph):
+        which rows end a segment is known only on the device. A row's segment ends by its
+        position; its checkpoint goes to its block of `end_blocks`, or to the spare block when
+        it has none (a model that caches no checkpoints still resets at segment ends)."""
+        ends = (positions + 1) % self.segment_size == 0
+        rows = torch.where(ends & (end_blocks >= 0), end_blocks, self.trash_block)  # every row writes here
+        targets = torch.where(ends, rows, -1)  # the segment_end kernel's form: -1 for rows that go on
+        backend, conv = self.backend, self.slots.get("conv_tail")
 
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            st = self._slot_state(i, slot_ids, with_online=False)
             online = self.slots["online"][i]
-            y, key_sum = triton_decode_step(mixer, x, st, positions, online, slot_ids, self.blocks["ckpt"][i],
-                                            self.blocks["summary"][i], table, lengths)
-            segment_end_triton(online, slot_ids, end_blocks, self.blocks["ckpt"][i], reset=not self.carry)
-            self.blocks["summary"][i].index_copy_(0, end_rows, key_sum / S)
-            self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum * keep)
+            st = self._slot_state(i, slot_ids, with_online=not backend.keeps_online_in_pool)
+            source = backend.checkpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, lengths)
+            y, M, key_sum = mixer.decode_step(x, st, positions, source, backend.online_step(online, slot_ids))
+            checkpoint, summary, M, key_sum = mixer.close_segment(M, key_sum, ends)
+            backend.end_segments(online, slot_ids, targets, rows, self.blocks["ckpt"][i], checkpoint, M,
+                                 reset=not self.carry)
+            self.blocks["summary"][i].index_copy_(0, rows, summary)
+            self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum)
             if conv is not None:
-                self.blocks["block_conv"][i].index_copy_(0, end_rows, st.conv_tail)
+                self.blocks["block_conv"][i].index_copy_(0, rows, st.conv_tail)
                 conv[i].index_copy_(0, slot_ids, st.conv_tail)
             return y
 
         return self.model.run_layers(tokens[:, None], mix)[:, 0]
-
-    def _decode_torch(self, slots, block_tables, positions, tokens, new_blocks) -> torch.Tensor:
-        pos = torch.tensor(positions, device=self.device)
-        ends = [b for b, blk in enumerate(new_blocks) if blk is not None]
-        end_blocks = [new_blocks[b] for b in ends]
-        S = self.segment_size
-        table, mask = self._padded(block_tables)
-
-        def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            st = self._slot_state(i, slots)
-            source = PooledCheckpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, mask)
-            y, M, key_sum = mixer.decode_step(x, st, pos, source)
-            if ends:
-                conv = st.conv_tail[ends] if st.conv_tail is not None else None
-                self._write_new_blocks(i, end_blocks, M[ends], key_sum[ends] / S, conv)
-                key_sum[ends] = 0
-                if not self.carry:
-                    M[ends] = 0
-            st.online, st.key_sum = M, key_sum
-            self._scatter(i, slots, st)
-            return y
-
-        ids = torch.tensor(tokens, device=self.device)[:, None]
-        return self.model.run_layers(ids, mix)[:, 0]
 
     # --- gather / scatter ------------------------------------------------------------------
     def _padded(self, tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:

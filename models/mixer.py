@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregation import gate_weights, ssc_topk
+from .aggregation import gate_weights
 from .checkpoints import DenseCheckpoints
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv
@@ -117,12 +117,11 @@ class Mixer(nn.Module):
                 y = self._naive_gated_read(M, ckpts, summaries, q_t, u[:, :, t], key_sum / count)
             outs.append(y)
             if (t + 1) % c.segment_size == 0:
+                checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
+                count = 0
                 if c.caches_checkpoints:
-                    ckpts.append(M)
-                    summaries.append(key_sum / count)
-                key_sum, count = torch.zeros_like(key_sum), 0
-                if c.boundary == "reset":
-                    M = torch.zeros_like(M)
+                    ckpts.append(checkpoint)
+                    summaries.append(summary)
         return self.finish(torch.stack(outs, dim=2), p, x)
 
     def _naive_gated_read(self, M, ckpts, summaries, q_t, u_t, online_summary):
@@ -220,7 +219,7 @@ class Mixer(nn.Module):
         online, key_sum_at_start, visible = [], [], []
         new_ckpts, new_summaries, new_convs = [], [], []
         k_chunk_sums = k.sum(dim=3)
-        S, L = c.segment_size, self.chunk_size
+        L = self.chunk_size
         for n, segment_ends in enumerate(self._segment_ends(base, N, pos + p.q.shape[2])):
             out, M = chunks(n, M)
             online.append(out)
@@ -229,13 +228,11 @@ class Mixer(nn.Module):
             key_sum = key_sum + k_chunk_sums[:, :, n]
             end = base + (n + 1) * L
             if segment_ends:
+                checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
                 if c.caches_checkpoints:
-                    new_ckpts.append(M)
-                    new_summaries.append(key_sum / S)
+                    new_ckpts.append(checkpoint)
+                    new_summaries.append(summary)
                     new_convs.append(p.conv_tail_at(end - pos))
-                key_sum = torch.zeros_like(key_sum)
-                if c.boundary == "reset":
-                    M = torch.zeros_like(M)
         st.online, st.key_sum = M, key_sum
         if new_ckpts:
             st.ckpts = torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2)
@@ -285,57 +282,73 @@ class Mixer(nn.Module):
         c = self.config
         y, M, key_sum = self.decode_step(x, st, pos)
         if (pos + 1) % c.segment_size == 0:
+            checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
             if c.caches_checkpoints:
-                st.append_checkpoint(M, key_sum / c.segment_size, st.conv_tail)
-            key_sum = torch.zeros_like(key_sum)
-            if c.boundary == "reset":
-                M = torch.zeros_like(M)
+                st.append_checkpoint(checkpoint, summary, st.conv_tail)
         st.online, st.key_sum = M, key_sum
         return y
 
-    def decode_step(self, x: torch.Tensor, st: LayerState, pos: int | torch.Tensor, source=None):
+    def decode_step(self, x: torch.Tensor, st: LayerState, pos: int | torch.Tensor, source=None,
+                    online_step=None):
         """The read-out of one token per sequence, without the segment-end bookkeeping.
 
         `pos` is one position for all, or a LongTensor [B] (the engine batches sequences at
-        different positions). Checkpoints come from `source` (models/checkpoints.py; by default
-        the state's own), whose `mask` [B,n] marks real ones when sequences have different
-        numbers. Updates the conv tail; returns (output [B,1,d], online state after the token,
+        different positions). The two seams of a decode backend: checkpoints come from `source`
+        (models/checkpoints.py; by default the state's own); `online_step(q, k, v, log_a, beta)`,
+        if given, updates the online memories where the backend keeps them and returns their
+        read-outs (by default the memory's `update` on `st.online`). Updates the conv tail;
+        returns (output [B,1,d], online memory after the token or None if the backend keeps it,
         key sum after the token).
         """
         c, mem = self.config, self.memory
         source = source or DenseCheckpoints(st)
         p = self.project(x, st.conv_tail)
         st.conv_tail = p.conv_tail
-        q, k, v = p.q[:, :, 0], p.k[:, :, 0], p.v[:, :, 0]
-        M = mem.update(st.online, k, v, p.log_a[:, :, 0], p.beta[:, :, 0] if p.beta is not None else None)
+        q, k, v, log_a = p.q[:, :, 0], p.k[:, :, 0], p.v[:, :, 0], p.log_a[:, :, 0]
+        beta = p.beta[:, :, 0] if p.beta is not None else None
+        if online_step is None:
+            M = mem.update(st.online, k, v, log_a, beta)
+            online = mem.read(M, q)
+        else:
+            M, online = None, online_step(q, k, v, log_a, beta)
         key_sum = st.key_sum + k
-        online = mem.read(M, q)
         if c.aggregation == "none" or source.count == 0:
             y = online
-        elif c.aggregation == "residual":
-            y = online + mem.read(source.total(), q)  # sum_i C_i^T q = (sum_i C_i)^T q
         else:
-            count = pos % c.segment_size + 1
-            if isinstance(count, torch.Tensor):
-                count = count.view(-1, 1, 1).to(key_sum.dtype)
-            y = self._step_gated(M, online, q, p.u[:, :, 0], key_sum / count, source)
+            u, r_online = (p.u[:, :, 0], None) if c.scores_segments else (None, None)
+            if c.scores_segments:
+                count = pos % c.segment_size + 1
+                if isinstance(count, torch.Tensor):
+                    count = count.view(-1, 1, 1).to(key_sum.dtype)
+                r_online = self._score(u, key_sum / count)
+            cached, g_online = source.read(q, u, r_online, c)
+            y = g_online[..., None] * online + cached
         return self.finish(y[:, :, None], p, x), M, key_sum
 
-    def _step_gated(self, M, online, q, u, online_summary, source):
-        c, mem = self.config, self.memory
-        online_r = self._score(u, online_summary)
-        cached_r = (source.summaries() @ u[..., None])[..., 0] * c.score_scale  # [B,H,n]
-        if source.mask is not None:
-            cached_r = cached_r.masked_fill(~source.mask[:, None, :], float("-inf"))
-        index = None
-        if c.aggregation == "ssc" and cached_r.shape[-1] > c.ssc_top_k:
-            # Only the selected checkpoints are read (hidden ones score -inf and weigh 0).
-            cached_r, index = ssc_topk(cached_r, c.ssc_top_k)
-        g_cached, g_online = gate_weights(cached_r, online_r, None, c.aggregation, c.ssc_top_k)
-        mixed = source.weighted_sum(g_cached, index)  # sum_i g_i C_i
-        if c.aggregation == "soup":  # mix every memory, online included, then read once
-            return mem.read(mixed + g_online[..., None, None] * M, q)
-        return g_online[..., None] * online + mem.read(mixed, q)
+    # --- the segment end, and restarting from a checkpoint ---------------------------------
+    def close_segment(self, M: torch.Tensor | None, key_sum: torch.Tensor, ends: torch.Tensor | None = None):
+        """The segment-end rule, the one place it is written: the online memory M becomes the
+        segment's checkpoint, with the mean of the segment's keys as its summary; the key sum
+        restarts at zero, and so does M under boundary "reset". `ends` [B] bool applies it to
+        some rows only (a decode batch at different positions). M is None when the backend
+        keeps the memories in a pool: the segment_end op (kernels/segment_end: the same rule)
+        updates them in place. Returns (checkpoint, summary, M after, key sum after)."""
+        reset = self.config.boundary == "reset"
+        summary = key_sum / self.config.segment_size
+        if ends is None:
+            M_after = torch.zeros_like(M) if reset and M is not None else M
+            return M, summary, M_after, torch.zeros_like(key_sum)
+        keep = (~ends).to(key_sum.dtype)
+        M_after = M * keep[:, None, None, None] if reset and M is not None else M
+        return M, summary, M_after, key_sum * keep[:, None, None]
+
+    def restart_online(self, checkpoint: torch.Tensor) -> torch.Tensor:
+        """The online memory of a sequence restarted at the end of a segment from its checkpoint
+        (prefix reuse, a session that diverges, a rewind): the checkpoint itself under boundary
+        "carry", zeros under "reset"."""
+        if self.config.boundary == "carry":
+            return checkpoint.float().clone()
+        return torch.zeros_like(checkpoint, dtype=torch.float32)
 
 
 class MCMixer(Mixer):

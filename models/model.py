@@ -120,11 +120,10 @@ class MCModel(nn.Module):
         if n_checkpoints == 0:
             return fresh
         last = n_checkpoints - 1
-        for old, new in zip(state.layers, fresh.layers):
+        for old, new, block in zip(state.layers, fresh.layers, self.blocks):
             new.ckpts = old.ckpts[:, :, :n_checkpoints].clone()
             new.summaries = old.summaries[:, :, :n_checkpoints].clone()
-            if self.config.boundary == "carry":  # the online memory continues from the checkpoint
-                new.online = old.ckpts[:, :, last].clone()
+            new.online = block.mixer.restart_online(old.ckpts[:, :, last])
             if old.ckpt_conv is not None:
                 new.ckpt_conv = old.ckpt_conv[:, :n_checkpoints].clone()
                 new.conv_tail = old.ckpt_conv[:, last].clone()

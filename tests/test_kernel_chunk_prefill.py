@@ -57,7 +57,7 @@ def test_mixer_prefill_on_the_kernel_equals_torch(memory, boundary, aggregation)
     """The mixer's chunked path with the fused scan (as the engine's prefill runs it) gives the
     same outputs, checkpoints and final state as its own chunk loop, starting mid-segment from a
     state that already holds checkpoints, with T not a multiple of the chunk."""
-    from engine.triton_path import PrefillKernels
+    from engine.decode_backends import PrefillKernels
     from tests.helpers import tiny_model
 
     model = tiny_model(memory=memory, boundary=boundary, aggregation=aggregation, segment_size=16).to(DEVICE)
