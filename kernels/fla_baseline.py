@@ -44,18 +44,19 @@ def load():
     finally:
         triton.autotune = autotune
     if interpreted():
-        _keep_first_configs()
+        keep_first_autotune_configs()
     return fused_recurrent_simple_gla, fused_recurrent_gated_delta_rule
 
 
-def _keep_first_configs() -> None:
-    """fla's kernels that were imported before `load` (the full flash-linear-attention package
-    imports its ops with `import fla`) keep their autotuners: one config each, so none times."""
+def keep_first_autotune_configs() -> None:
+    """fla's kernels imported so far (the full flash-linear-attention package imports its ops
+    and modules with `import fla`) keep one autotune config each, so that none is timed: the
+    interpreter has no device to time them on."""
     import sys
 
     from triton.runtime.autotuner import Autotuner
     for name, module in list(sys.modules.items()):
-        if name.startswith("fla.ops") and module is not None:
+        if name.startswith("fla.") and module is not None:
             for value in vars(module).values():
                 while value is not None and not isinstance(value, Autotuner):
                     value = getattr(value, "fn", None)  # through @triton.heuristics and the like

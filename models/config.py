@@ -13,10 +13,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("mcserve", "mamba2")
+ARCHS = ("mcserve", "mamba2", "gated_deltanet")
 MEMORIES = ("linear", "gla", "delta")
 MLPS = ("swiglu", "none")
-ARCH_KEYS = ("arch", "mlp", "n_groups", "proj_bias", "conv_bias", "dt_min", "dt_max")
+GATE_ACTIVATIONS = ("swish", "sigmoid")
+# Keys that only some parametrisations read, and which ones.
+ARCH_ONLY = {"n_groups": ("mamba2", "gated_deltanet"), "proj_bias": ("mamba2",),
+             "conv_bias": ("mamba2", "gated_deltanet"), "dt_min": ("mamba2",), "dt_max": ("mamba2",),
+             "gate_activation": ("gated_deltanet",), "neg_eigval": ("gated_deltanet",)}
+ARCH_KEYS = ("arch", "mlp", *ARCH_ONLY)
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 BOUNDARIES = ("carry", "reset")
 
@@ -27,9 +32,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # The parametrisation around the memory (models/mixer.py, models/mamba2.py): "mcserve" (its own
-    # projections, L2-normed q and k, a sigmoid output gate) or "mamba2" (transformers' Mamba2:
-    # k = B, q = C, v = dt x, log a = dt A, the D skip and the gated RMSNorm).
+    # The parametrisation around the memory: "mcserve" (models/mixer.py: its own projections,
+    # L2-normed q and k, a sigmoid output gate), "mamba2" (models/mamba2.py, transformers' Mamba2:
+    # k = B, q = C, v = dt x, log a = dt A, the D skip, the gated RMSNorm) or "gated_deltanet"
+    # (models/gated_deltanet.py, flash-linear-attention's GatedDeltaNet).
     arch: str = "mcserve"
     vocab_size: int = 4096
     d_model: int = 256
@@ -49,12 +55,15 @@ class ModelConfig:
     # For `delta` memory only: use the gla-style decay a_t (gated delta rule) or a_t = 1.
     delta_decay: bool = True
     mlp: str = "swiglu"              # the block's MLP after the mixer; "none": the mixer alone (Mamba2)
-    # mamba2 only:
-    n_groups: int = 1                # heads per group share B and C (k and q)
+    # mamba2 and gated_deltanet only:
+    n_groups: int = 1                # groups of heads that share k and q (Mamba2's B and C; GDN's q/k heads)
     proj_bias: bool = False          # biases on in_proj and out_proj
     conv_bias: bool = False          # a bias on the short convolution
     dt_min: float = 0.0              # dt is clamped to [dt_min, dt_max] after its softplus...
     dt_max: float = 0.0              # ...0: no upper limit
+    # gated_deltanet only:
+    gate_activation: str = "swish"   # of the output gate: swish (silu) or sigmoid
+    neg_eigval: bool = False         # beta in (0, 2) rather than (0, 1)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -76,21 +85,24 @@ class ModelConfig:
             raise ConfigError(f"config key 'norm_eps' must be in (0, 1), got {self.norm_eps}")
 
     def _check_arch(self) -> None:
-        if self.arch == "mamba2":
-            if self.memory != "gla":
-                raise ConfigError(f"arch 'mamba2' is a gla memory (SSD: a scalar decay per head), got memory {self.memory!r}")
-            if self.n_groups < 1 or self.n_heads % self.n_groups:
-                raise ConfigError(f"config key 'n_groups' must divide n_heads ({self.n_heads}), got {self.n_groups}")
-            if self.conv_size < 2:
-                raise ConfigError("arch 'mamba2' needs its short convolution: conv_size >= 2")
-            if self.dt_min < 0 or (self.dt_max and self.dt_max < self.dt_min):
-                raise ConfigError(f"dt limits must satisfy 0 <= dt_min <= dt_max (0: none), got "
-                                  f"[{self.dt_min}, {self.dt_max}]")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, archs in ARCH_ONLY.items():
+            if self.arch not in archs and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"config key '{name}' is for arch {' or '.join(map(repr, archs))} only "
+                                  f"(arch is {self.arch!r})")
+        memory = {"mamba2": "gla", "gated_deltanet": "delta"}.get(self.arch)
+        if memory is None:
             return
-        for name, default in (("n_groups", 1), ("proj_bias", False), ("conv_bias", False), ("dt_min", 0.0),
-                              ("dt_max", 0.0)):
-            if getattr(self, name) != default:
-                raise ConfigError(f"config key '{name}' is for arch 'mamba2' only (arch is {self.arch!r})")
+        if self.memory != memory:
+            raise ConfigError(f"arch {self.arch!r} is a {memory} memory, got memory {self.memory!r}")
+        if self.n_groups < 1 or self.n_heads % self.n_groups:
+            raise ConfigError(f"config key 'n_groups' must divide n_heads ({self.n_heads}), got {self.n_groups}")
+        if self.conv_size < 2:
+            raise ConfigError(f"arch {self.arch!r} needs its short convolution: conv_size >= 2")
+        if self.dt_min < 0 or (self.dt_max and self.dt_max < self.dt_min):
+            raise ConfigError(f"dt limits must satisfy 0 <= dt_min <= dt_max (0: none), got "
+                              f"[{self.dt_min}, {self.dt_max}]")
+        _check_choice("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
 
     # --- derived -----------------------------------------------------------------------
     @property

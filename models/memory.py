@@ -132,13 +132,13 @@ class DeltaMemory(Memory):
     `U' = T diag(b) V`, `W = T diag(b) Gamma K`, `T = (I + A)^-1` (a unit-triangular solve).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, own_gates: bool = True):
         super().__init__()
         self.n_heads = config.n_heads
-        self.decay = nn.Linear(config.d_model, config.n_heads) if config.delta_decay else None
+        self.decay = nn.Linear(config.d_model, config.n_heads) if config.delta_decay and own_gates else None
         if self.decay is not None:
             _init_decay(self.decay)
-        self.write = nn.Linear(config.d_model, config.n_heads, bias=False)
+        self.write = nn.Linear(config.d_model, config.n_heads, bias=False) if own_gates else None
 
     def gates(self, x):
         beta = torch.sigmoid(self.write(x)).permute(0, 2, 1)
@@ -184,7 +184,7 @@ def build_memory(config: ModelConfig, own_gates: bool = True) -> Memory:
         return GatedLinearMemory(config, decay=False)
     if config.memory == "gla":
         return GatedLinearMemory(config, decay=True)
-    return DeltaMemory(config)
+    return DeltaMemory(config, own_gates)
 
 
 def _log_decay(proj: nn.Linear | None, x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=2, dk=6, dv=10, mlp_h
 
 
 # What each architecture needs on top of TINY (tests that run on every one parametrise over these).
-ARCHS = {"mcserve": {}, "mamba2": dict(arch="mamba2", memory="gla", mlp="none", n_groups=2, conv_bias=True)}
+ARCHS = {"mcserve": {}, "mamba2": dict(arch="mamba2", memory="gla", mlp="none", n_groups=2, conv_bias=True),
+         "gated_deltanet": dict(arch="gated_deltanet", memory="delta", n_groups=1)}
 
 
 def tiny_model(seed: int = 0, arch: str = "mcserve", **overrides) -> models.MCModel:

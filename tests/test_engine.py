@@ -44,7 +44,8 @@ def assert_pools_empty(engine):
 
 @pytest.mark.parametrize("arch,memory,aggregation", [
     ("mcserve", "gla", "grm"), ("mcserve", "delta", "ssc"), ("mcserve", "linear", "residual"),
-    ("mcserve", "gla", "none"), ("mamba2", "gla", "none"), ("mamba2", "gla", "grm")])
+    ("mcserve", "gla", "none"), ("mamba2", "gla", "none"), ("mamba2", "gla", "grm"),
+    ("gated_deltanet", "delta", "ssc")])
 def test_batched_greedy_equals_one_at_a_time(arch, memory, aggregation):
     model = tiny_model(arch=arch, memory=memory, aggregation=aggregation)
     engine = make_engine(model)
@@ -74,9 +75,9 @@ def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
         assert_pools_empty(engine)
 
 
-@pytest.mark.parametrize("arch", ["mcserve", "mamba2"])
-def test_prefix_reuse_shares_exactly_the_common_segments(arch):
-    model = tiny_model(arch=arch, memory="gla", aggregation="grm")
+@pytest.mark.parametrize("arch,memory", [("mcserve", "gla"), ("mamba2", "gla"), ("gated_deltanet", "delta")])
+def test_prefix_reuse_shares_exactly_the_common_segments(arch, memory):
+    model = tiny_model(arch=arch, memory=memory, aggregation="grm")
     engine = make_engine(model)
     shared = prompts(1, seed=5, lengths=(17,))[0]      # 3 whole segments of 5, then 2 tokens
     first = engine.add_request(shared + [1, 2, 3], GREEDY)
@@ -171,7 +172,8 @@ def test_n_samples_share_the_prompt_checkpoints():
 @pytest.mark.parametrize("arch,memory,aggregation,boundary", [
     ("mcserve", "gla", "grm", "carry"), ("mcserve", "delta", "ssc", "carry"), ("mcserve", "linear", "residual", "carry"),
     ("mcserve", "gla", "soup", "carry"), ("mcserve", "delta", "none", "carry"), ("mcserve", "gla", "ssc", "reset"),
-    ("mcserve", "delta", "grm", "reset"), ("mamba2", "gla", "none", "carry"), ("mamba2", "gla", "ssc", "carry")])
+    ("mcserve", "delta", "grm", "reset"), ("mamba2", "gla", "none", "carry"), ("mamba2", "gla", "ssc", "carry"),
+    ("gated_deltanet", "delta", "grm", "carry")])
 def test_engine_on_triton_kernels_equals_torch_path(arch, memory, aggregation, boundary):
     """End to end: the kernels (decode step, cached read-out, segment end, chunk prefill;
     Triton interpreter on the CPU, real on CUDA) give the same greedy outputs as the torch path."""

@@ -10,7 +10,8 @@ import models
 from tests.helpers import max_err, same_weights, tiny_model, tokens
 
 COMBOS = [("mcserve", *combo) for combo in itertools.product(models.MEMORIES, models.AGGREGATIONS, models.BOUNDARIES)]
-COMBOS += [("mamba2", "gla", aggregation, boundary)  # Mamba2's SSD is a gla memory
+COMBOS += [(arch, memory, aggregation, boundary)  # Mamba2's SSD is a gla memory, GDN's the delta rule
+           for arch, memory in (("mamba2", "gla"), ("gated_deltanet", "delta"))
            for aggregation, boundary in itertools.product(models.AGGREGATIONS, models.BOUNDARIES)]
 TOL = 1e-4
 

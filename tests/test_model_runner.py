@@ -26,7 +26,7 @@ class PooledSequence:
 @pytest.mark.parametrize("arch,memory,aggregation,boundary", [
     ("mcserve", "gla", "grm", "carry"), ("mcserve", "delta", "ssc", "reset"), ("mcserve", "linear", "residual", "carry"),
     ("mcserve", "gla", "soup", "reset"), ("mcserve", "delta", "none", "carry"), ("mcserve", "gla", "none", "reset"),
-    ("mamba2", "gla", "grm", "carry")])
+    ("mamba2", "gla", "grm", "carry"), ("gated_deltanet", "delta", "soup", "reset")])
 # bf16: the loud random test model amplifies rounding; on the bundled model the difference is
 # ~2e-3 (test_bf16_storage_on_the_bundled_model).
 @pytest.mark.parametrize("ckpt_dtype,tol", [("fp32", 1e-4), ("bf16", 0.5)])

@@ -25,9 +25,11 @@ CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, num_device_bloc
                       max_prefill_chunk=16)
 
 
-@pytest.fixture(scope="module", params=["mcserve", "mamba2"])
+@pytest.fixture(scope="module", params=[("mcserve", "gla"), ("mamba2", "gla"), ("gated_deltanet", "delta")],
+                ids=lambda p: p[0])
 def model(request):
-    return tiny_model(arch=request.param, memory="gla", aggregation="grm")
+    arch, memory = request.param
+    return tiny_model(arch=arch, memory=memory, aggregation="grm")
 
 
 def engine_for(model, directory=None, limits=None, **options):
@@ -214,7 +216,7 @@ def test_saved_session_survives_kill_9(model, tmp_path):
         from tests.helpers import tiny_model
         from engine.llm_engine import LLMEngine
         from engine.sessions import SessionStore
-        model = tiny_model(arch={model.config.arch!r}, memory="gla", aggregation="grm")
+        model = tiny_model(arch={model.config.arch!r}, memory={model.config.memory!r}, aggregation="grm")
         engine = LLMEngine(model, CONFIG, SessionStore(model.fingerprint, {str(tmp_path / 'sessions')!r}))
         seq = engine.add_request(P1, GREEDY, session_id="crash")
         while engine.has_unfinished():
@@ -397,8 +399,9 @@ def test_prefetch_reads_a_session_into_memory_but_never_caches_damage(model, tmp
     store = SessionStore(model.fingerprint, tmp_path)
     store.prefetch("s")
     assert "s" in store.memory.sessions
-    blocks = files(tmp_path, "blocks")
-    blocks[-1].write_bytes(blocks[-1].read_bytes()[:10])
+    blocks = store.index.get("s").blocks
+    last = store.backend.path("block", blocks[-1])
+    last.write_bytes(last.read_bytes()[:10])
     store = SessionStore(model.fingerprint, tmp_path)
     store.prefetch("s")
     store.prefetch("nope")
