@@ -156,6 +156,18 @@ class ModelConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    """KEY=VALUE (a `--set` option) -> (key, value); the value is JSON if it parses, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"a setting is key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as memory=gla
+    return key.strip(), value
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{name}' must be one of {list(allowed)}, got {value!r}")

@@ -121,6 +121,13 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def _install_weights(model: MCModel, loaded: dict[str, torch.Tensor], file: Path) -> None:
     expected = model.state_dict()
+    mc = model.mc_parameters()
+    lacking = [n for n in mc if n not in loaded or loaded[n].shape != expected[n].shape]
+    if lacking:
+        raise ModelLoadError(f"{file}: aggregation {model.config.aggregation!r} needs the connector u ({lacking[0]!r}), "
+                             "which this checkpoint lacks; train it with `mcserve train DATA --init-from DIR "
+                             f"--train-only mc --set aggregation={model.config.aggregation} --out NEW`, or use "
+                             "aggregation=residual, which needs no training")
     for name in sorted(expected):
         if name not in loaded:
             raise ModelLoadError(f"{file}: tensor {name!r} is missing")

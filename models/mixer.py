@@ -79,6 +79,11 @@ class Mixer(nn.Module):
         """y [B,H,T,dv], the read-outs of the span `p` -> the layer's output [B,T,d]."""
         raise NotImplementedError
 
+    def mc_parameters(self) -> dict[str, slice | None]:
+        """What Memory Caching adds to the layer: parameter name -> the rows that are MC's
+        (None: all of it). The connector u, which scores segments (and routes for ssc)."""
+        return {"u_proj.weight": None} if getattr(self, "u_proj", None) is not None else {}
+
     # --- shared pieces ---------------------------------------------------------------------
     def new_state(self, batch: int, device=None) -> LayerState:
         c = self.config
@@ -385,6 +390,12 @@ class MCMixer(Mixer):
             q=normed(q), k=normed(k), v=heads(v, dv),
             u=heads(u[0].float(), dk) if c.scores_segments else None,
             log_a=log_a, beta=beta, gate=gate, conv_tail=conv_tail, conv_window=conv_window)
+
+    def mc_parameters(self) -> dict[str, slice | None]:
+        """u is the last block of in_proj's rows."""
+        if not self.config.scores_segments:
+            return {}
+        return {"in_proj.weight": slice(sum(self.proj_splits[:2]), None)}
 
     def finish(self, y: torch.Tensor, p: Projected, x: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm, the sigmoid output gate, W_o."""

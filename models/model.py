@@ -151,6 +151,34 @@ class MCModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def mc_parameters(self) -> dict[str, slice | None]:
+        """What Memory Caching adds to the model (each mixer's `mc_parameters`, by full name)."""
+        return {f"blocks.{i}.mixer.{name}": rows for i, block in enumerate(self.blocks)
+                for name, rows in block.mixer.mc_parameters().items()}
+
+    def init_from(self, source: "MCModel") -> list[str]:
+        """Take every weight `source` has (a model of the same architecture, perhaps without what
+        MC adds: a `none` model, an imported checkpoint). A matrix that grew rows (in_proj with
+        the connector u) keeps the source's rows first. Returns the names that are new here."""
+        theirs, new = source.state_dict(), []
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                other = theirs.get(name)
+                if other is not None and other.shape == tensor.shape:
+                    tensor.copy_(other)
+                elif other is not None and other.shape[1:] == tensor.shape[1:] and other.shape[0] < tensor.shape[0]:
+                    tensor[:other.shape[0]] = other
+                    new.append(f"{name}[{other.shape[0]}:]")
+                elif other is None:
+                    new.append(name)
+                else:
+                    raise ValueError(f"cannot initialise {name} {tuple(tensor.shape)} from {tuple(other.shape)}")
+        unused = sorted(set(theirs) - set(self.state_dict()))
+        if unused:
+            raise ValueError(f"the source model has weights this config does not use: {unused[:3]}")
+        self.invalidate_fingerprint()
+        return new
+
     def save_state(self, state: MCState, path) -> None:
         state.save(path, fingerprint=self.fingerprint)
 

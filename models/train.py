@@ -4,6 +4,11 @@ AdamW with linear warm-up and cosine decay, gradient clipping, fp32 or bf16 auto
 periodic validation, and checkpoints that resume exactly: the batch of step `s` is drawn from a
 generator seeded by (seed, s), so a resumed run sees the same data as an uninterrupted one.
 
+With `init_from` a run starts from a saved model (mcserve's, or an imported checkpoint) and its
+tokenizer; `model` then changes keys on top of its config (aggregation=grm adds the connector u).
+`train_only="mc"` freezes every weight but what Memory Caching adds (`MCModel.mc_parameters`):
+Memory Caching on a pretrained model.
+
 Output directory: a loadable model (config.json, model.safetensors, tokenizer.json,
 chat_template.jinja), `train_state.pt` (optimizer and step), `train_log.jsonl`.
 """
@@ -54,6 +59,8 @@ class TrainConfig:
     ckpt_every: int = 200
     seed: int = 0
     device: str = "auto"
+    init_from: str | None = None                # a model directory to start from (its tokenizer too)
+    train_only: str = "all"                     # "all", or "mc": only what Memory Caching adds
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "val_every", "val_batches", "ckpt_every")
@@ -68,7 +75,14 @@ class TrainConfig:
             raise ConfigError(f"train option 'val_fraction' must be in [0, 0.5), got {self.val_fraction}")
         if self.lr <= 0 or not (0 <= self.min_lr_ratio <= 1) or self.warmup < 0 or self.grad_clip <= 0:
             raise ConfigError("train options need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0, grad_clip > 0")
-        ModelConfig.from_dict({**self.model, "vocab_size": 512})  # reject bad model keys early
+        if self.train_only not in ("all", "mc"):
+            raise ConfigError(f"train option 'train_only' must be 'all' or 'mc', got {self.train_only!r}")
+        if self.train_only == "mc" and not self.init_from:
+            raise ConfigError("train option train_only=mc needs init_from (the model whose weights stay frozen)")
+        if self.init_from and self.tokenizer:
+            raise ConfigError("train options init_from and tokenizer exclude each other (the model brings its own)")
+        if not self.init_from:
+            ModelConfig.from_dict({**self.model, "vocab_size": 512})  # reject bad model keys early
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -90,6 +104,8 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
+        elif cfg.init_from:
+            self._start_from(cfg.init_from)
         else:
             self.tokenizer = (Tokenizer.from_file(cfg.tokenizer) if cfg.tokenizer else None)
             docs = read_documents([Path(p) for p in cfg.data])
@@ -126,6 +142,15 @@ class Trainer:
         self._resume_state = state
         self.log(f"resuming {self.out} at step {self.step}")
 
+    def _start_from(self, directory: str) -> None:
+        source = io.load(directory)
+        torch.manual_seed(self.cfg.seed)
+        self.model = MCModel(ModelConfig.from_dict({**source.config.to_dict(), **self.cfg.model}))
+        new = self.model.init_from(source)
+        self.tokenizer = self.model.tokenizer = source.tokenizer
+        self._docs = read_documents([Path(p) for p in self.cfg.data])
+        self.log(f"starting from {directory}; new: {new or 'nothing'}")
+
     def _tokenize(self) -> TokenSplit:
         split = tokenize_split(self._docs, self.tokenizer, self.cfg.val_fraction, self.cfg.seed)
         self.log(f"data: {split.train.numel():,} train tokens, {split.val.numel():,} validation tokens "
@@ -133,7 +158,36 @@ class Trainer:
         return split
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        return adamw(self.model, self.cfg.lr, self.cfg.weight_decay)
+        if self.cfg.train_only == "all":
+            return adamw(self.model, self.cfg.lr, self.cfg.weight_decay)
+        return self._mc_only_optimizer()
+
+    def _mc_only_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over what MC adds; everything else frozen. A parameter that is MC's only in
+        some rows (mcserve's in_proj, whose last rows are u) has the other rows' gradients
+        zeroed and no weight decay, so those rows never move."""
+        mc = self.model.mc_parameters()
+        if not mc:
+            raise ConfigError(f"aggregation {self.model.config.aggregation!r} adds no parameters to train "
+                              "(train_only=mc needs grm, soup or ssc; residual needs no training)")
+        params = dict(self.model.named_parameters())
+        for p in params.values():
+            p.requires_grad_(False)
+        whole, partial = [], []
+        for name, rows in mc.items():
+            p = params[name].requires_grad_(True)
+            if rows is None:
+                whole.append(p)
+                continue
+            mask = torch.zeros(p.shape[0], 1, device=p.device, dtype=p.dtype)
+            mask[rows] = 1
+            p.register_hook(lambda grad, mask=mask: grad * mask)
+            partial.append(p)
+        trained = sum(p.numel() for p in whole) + sum(int(p[rows].numel()) for name, rows in mc.items()
+                                                       if rows is not None for p in [params[name]])
+        self.log(f"training only what MC adds: {trained:,} of {self.model.num_parameters():,} parameters")
+        groups = [{"params": whole, "weight_decay": self.cfg.weight_decay}, {"params": partial, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
     # --- the loop --------------------------------------------------------------------------
     def loss(self, batch: torch.Tensor) -> torch.Tensor:

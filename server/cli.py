@@ -91,18 +91,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 TRAIN_OPTIONS = {"tokenizer": str, "vocab_size": int, "steps": int, "batch_size": int, "seq_len": int,
                  "lr": float, "min_lr_ratio": float, "warmup": int, "weight_decay": float,
                  "grad_clip": float, "dtype": str, "val_fraction": float, "val_every": int,
-                 "val_batches": int, "ckpt_every": int, "seed": int, "device": str}
+                 "val_batches": int, "ckpt_every": int, "seed": int, "device": str, "init_from": str,
+                 "train_only": str}
 
 
 def parse_assignment(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise CLIError(f"--set takes key=value, got {text!r}")
-    key, raw = text.split("=", 1)
+    from models.config import ConfigError, parse_setting
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare string such as memory=gla
-    return key.strip(), value
+        return parse_setting(text)
+    except ConfigError:
+        raise CLIError(f"--set takes key=value, got {text!r}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -111,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from server.config import ServerConfig, ServerConfigError
     from server.serve import run_server
     overrides = {k: getattr(args, k) for k in SERVE_OPTIONS}
+    if args.set:
+        overrides["model_set"] = ",".join(args.set)
     try:
         config = ServerConfig.from_env(overrides)
         run_server(config)
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "on 127.0.0.1:8000); every option also reads MCSERVE_<OPTION>")
     for name, kind in SERVE_OPTIONS.items():
         serve.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model config key set on load (MCSERVE_MODEL_SET: KEY=VALUE,...), e.g. "
+                            "--set aggregation=residual --set segment_size=128 on an imported checkpoint")
     serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="show a model's config, size and fingerprint")
@@ -162,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a model config key, e.g. --set memory=gla --set segment_size=64")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.epilog = ("--init-from DIR starts from a saved or imported model (and its tokenizer); --train-only mc "
+                    "freezes it and trains only what Memory Caching adds, e.g. --init-from DIR --train-only mc "
+                    "--set aggregation=grm")
     for name, kind in TRAIN_OPTIONS.items():
         train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
     train.set_defaults(func=cmd_train)

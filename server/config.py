@@ -38,6 +38,7 @@ class ServerConfig:
     device: str = "auto"                 # auto (cuda if visible, else cpu), cpu, cuda, cuda:N
     kernels: str = "auto"                # decode/prefill on Triton kernels: auto (on CUDA), triton, torch
     cuda_graphs: str = "off"             # on: replay the decode step from CUDA graphs (Triton path on CUDA)
+    model_set: str = ""                  # model config keys set on load: KEY=VALUE,KEY=VALUE (aggregation=residual)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -52,9 +53,18 @@ class ServerConfig:
             raise ServerConfigError(f"cuda_graphs must be on or off, got {self.cuda_graphs!r}")
         if self.session_durability not in ("sync", "async"):
             raise ServerConfigError(f"session_durability must be sync or async, got {self.session_durability!r}")
+        self.model_overrides()  # a bad KEY=VALUE fails here, with the rest of the config
         if self.session_store and self.session_dir and self.session_store != self.session_dir:
             raise ServerConfigError(f"session_store ({self.session_store!r}) and its alias session_dir "
                                     f"({self.session_dir!r}) name different stores; give one")
+
+    def model_overrides(self) -> dict:
+        """`model_set` as a dict of model config keys."""
+        from models.config import ConfigError, parse_setting
+        try:
+            return dict(parse_setting(item) for item in self.model_set.split(",") if item.strip())
+        except ConfigError as e:
+            raise ServerConfigError(f"model_set: {e}") from None
 
     @property
     def store(self) -> str:

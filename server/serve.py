@@ -22,7 +22,7 @@ from .config import ServerConfig
 
 def create_app(config: ServerConfig) -> FastAPI:
     model_dir = Path(config.model) if config.model else models.default_model_path()
-    model = models.load(model_dir, device=config.torch_device())
+    model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides())
     engine_config = EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         num_device_blocks=config.num_device_blocks, num_host_blocks=config.num_host_blocks,
