@@ -67,7 +67,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.config)
         if sessions is not None:
             sessions.attach(model.fingerprint, self.config.ckpt_dtype, model.config.segment_size)
-        self.scheduler = Scheduler(self.config, model.config.segment_size, model.config.caches_checkpoints)
+        self.scheduler = Scheduler(self.config, model.config.segment_size)
         self.sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -169,8 +169,7 @@ class LLMEngine:
             if a != b:
                 break
             common += 1
-        whole = not self.model.config.caches_checkpoints or \
-            saved.num_checkpoints == len(tokens) // self.model.config.segment_size
+        whole = saved.num_checkpoints == len(tokens) // self.model.config.segment_size
         exact = common == len(tokens) < len(prompt) and saved.slot is not None and whole
         if exact:
             blocks, start = saved.num_checkpoints, len(tokens)

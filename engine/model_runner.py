@@ -149,8 +149,8 @@ class ModelRunner:
     def decode_static(self, tokens, positions, slot_ids, table, lengths, end_blocks) -> torch.Tensor:
         """The decode step with no host-side branching (so it can be captured in a CUDA graph):
         which rows end a segment is known only on the device. A row's segment ends by its
-        position; its checkpoint goes to its block of `end_blocks`, or to the spare block when
-        it has none (a model that caches no checkpoints still resets at segment ends)."""
+        position; its checkpoint goes to its block of `end_blocks` (every other row writes to
+        the spare block)."""
         ends = (positions + 1) % self.segment_size == 0
         rows = torch.where(ends & (end_blocks >= 0), end_blocks, self.trash_block)  # every row writes here
         targets = torch.where(ends, rows, -1)  # the segment_end kernel's form: -1 for rows that go on

@@ -59,10 +59,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, segment_size: int, caches_checkpoints: bool):
+    def __init__(self, config: EngineConfig, segment_size: int):
         self.config = config
         self.segment_size = segment_size
-        self.caches_checkpoints = caches_checkpoints
         self.pool = StatePool(config.num_device_blocks, config.num_host_blocks)
         self.free_slots: list[int] = list(range(config.max_num_seqs - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
@@ -121,8 +120,6 @@ class Scheduler:
 
     def _ends_in(self, start: int, n: int) -> int:
         """Segments that end inside positions [start, start + n)."""
-        if not self.caches_checkpoints:
-            return 0
         S = self.segment_size
         return (start + n) // S - start // S
 
@@ -153,8 +150,6 @@ class Scheduler:
 
     def _longest_chunk_with(self, start: int, free_blocks: int) -> int:
         """The longest chunk from `start` whose segment ends fit in `free_blocks`."""
-        if not self.caches_checkpoints:
-            return self.config.max_num_batched_tokens
         S = self.segment_size
         return (start // S + free_blocks + 1) * S - 1 - start
 
@@ -283,7 +278,7 @@ class Scheduler:
 
     def _reuse_prefix(self, seq: Sequence) -> list[int]:
         """Share the cached blocks of the longest matching prefix of whole segments."""
-        if not (self.config.enable_prefix_reuse and self.caches_checkpoints) or seq.num_computed_tokens:
+        if not self.config.enable_prefix_reuse or seq.num_computed_tokens:
             return []
         hashes = self.block_hashes(seq, seq.num_tokens // self.segment_size)
         # Keep at least one token to compute: its logits give the first sample.

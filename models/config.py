@@ -106,11 +106,6 @@ class ModelConfig:
 
     # --- derived -----------------------------------------------------------------------
     @property
-    def caches_checkpoints(self) -> bool:
-        """Whether segment checkpoints are kept at all (`none` never reads them)."""
-        return self.aggregation != "none"
-
-    @property
     def scores_segments(self) -> bool:
         """Whether the model has the connector `u_t` that scores segments."""
         return self.aggregation in ("grm", "soup", "ssc")

@@ -124,9 +124,8 @@ class Mixer(nn.Module):
             if (t + 1) % c.segment_size == 0:
                 checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
                 count = 0
-                if c.caches_checkpoints:
-                    ckpts.append(checkpoint)
-                    summaries.append(summary)
+                ckpts.append(checkpoint)  # kept by every aggregation: `none` never reads them
+                summaries.append(summary)
         return self.finish(torch.stack(outs, dim=2), p, x)
 
     def _naive_gated_read(self, M, ckpts, summaries, q_t, u_t, online_summary):
@@ -234,10 +233,9 @@ class Mixer(nn.Module):
             end = base + (n + 1) * L
             if segment_ends:
                 checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
-                if c.caches_checkpoints:
-                    new_ckpts.append(checkpoint)
-                    new_summaries.append(summary)
-                    new_convs.append(p.conv_tail_at(end - pos))
+                new_ckpts.append(checkpoint)
+                new_summaries.append(summary)
+                new_convs.append(p.conv_tail_at(end - pos))
         st.online, st.key_sum = M, key_sum
         if new_ckpts:
             st.ckpts = torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2)
@@ -288,8 +286,7 @@ class Mixer(nn.Module):
         y, M, key_sum = self.decode_step(x, st, pos)
         if (pos + 1) % c.segment_size == 0:
             checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
-            if c.caches_checkpoints:
-                st.append_checkpoint(checkpoint, summary, st.conv_tail)
+            st.append_checkpoint(checkpoint, summary, st.conv_tail)
         st.online, st.key_sum = M, key_sum
         return y
 

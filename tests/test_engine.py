@@ -75,9 +75,11 @@ def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
         assert_pools_empty(engine)
 
 
-@pytest.mark.parametrize("arch,memory", [("mcserve", "gla"), ("mamba2", "gla"), ("gated_deltanet", "delta")])
-def test_prefix_reuse_shares_exactly_the_common_segments(arch, memory):
-    model = tiny_model(arch=arch, memory=memory, aggregation="grm")
+@pytest.mark.parametrize("arch,memory,aggregation", [
+    ("mcserve", "gla", "grm"), ("mamba2", "gla", "grm"), ("gated_deltanet", "delta", "grm"),
+    ("mamba2", "gla", "none")])  # `none`, as an imported checkpoint is served: its blocks are restart points
+def test_prefix_reuse_shares_exactly_the_common_segments(arch, memory, aggregation):
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation)
     engine = make_engine(model)
     shared = prompts(1, seed=5, lengths=(17,))[0]      # 3 whole segments of 5, then 2 tokens
     first = engine.add_request(shared + [1, 2, 3], GREEDY)

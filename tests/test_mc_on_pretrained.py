@@ -95,7 +95,6 @@ def test_residual_is_a_load_time_setting_and_grm_without_u_is_a_clear_error(tmp_
     from tests.test_import_mamba2 import reference_model, save_reference
     directory = save_reference(reference_model("plain"), tmp_path / "mamba2-tiny")
     model = models.load(directory, overrides={"aggregation": "residual", "segment_size": 32})
-    assert model.config.caches_checkpoints
     ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(ids) - model.naive_forward(ids)).abs().max() < 1e-4
