@@ -18,6 +18,7 @@ from engine.params import SamplingParams
 from kernels import interpreted
 from kernels.fla_baseline import keep_first_autotune_configs
 from models.tokenizer import CHATML_TEMPLATE
+from tests.test_import_mamba2 import served_text
 
 fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is not installed")
 if interpreted():
@@ -121,7 +122,7 @@ def test_greedy_through_the_http_server_equals_the_reference(tmp_path):
     directory = save_reference(reference, tmp_path / "gdn-tiny")
     model = models.load(directory)
     prompt = tokens(40, seed=7)[0].tolist()
-    text = model.tokenizer.decode(greedy(reference, prompt, 12))
+    text = served_text(model.tokenizer, greedy(reference, prompt, 12))
     with running_server(directory, tmp_path / "sessions") as (url, _):
         body = {"model": "gdn-tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
         answer = httpx.post(url + "/v1/completions", json=body, timeout=60)

@@ -67,6 +67,14 @@ def tokens(n=320, seed=1):
     return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def served_text(tokenizer, ids):
+    """The text the server sends for these generated ids (its incremental detokenizer, which
+    holds back an unfinished UTF-8 sequence at the end)."""
+    from engine.detokenizer import IncrementalDetokenizer
+    detok = IncrementalDetokenizer(tokenizer, ())
+    return "".join(detok.add(i) for i in ids) + detok.finish()
+
+
 def test_the_config_and_tensors_map_onto_mcserve(pair):
     name, reference, model, _ = pair
     c = model.config
@@ -111,7 +119,7 @@ def test_greedy_through_the_http_server_equals_the_reference(tmp_path):
     directory = save_reference(reference, tmp_path / "mamba2-tiny")
     prompt = tokens(90, seed=7)[0].tolist()
     want = reference.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20)
-    text = models.load(directory).tokenizer.decode(want[0, len(prompt):].tolist())
+    text = served_text(models.load(directory).tokenizer, want[0, len(prompt):].tolist())
     with running_server(directory, tmp_path / "sessions") as (url, _):
         body = {"model": "mamba2-tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
         answer = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -145,3 +153,38 @@ def test_mcserve_info_says_what_was_loaded(tmp_path):
     info = json.loads(done.stdout)
     assert info["loaded_as"] == "Mamba2ForCausalLM" and info["config"]["arch"] == "mamba2"
     assert info["config"]["n_groups"] == 3 and info["tokenizer_vocab"] == 259
+
+
+def test_a_transformers_checkpoint_serves_and_resumes_exactly_after_kill_9(tmp_path):
+    """`mcserve serve --model DIR` on the directory transformers saved, no other step; a
+    session turn survives kill -9 right after its response, and the next turn reads most of its
+    prompt from the session and answers as transformers does on the whole prompt."""
+    from tests.server_helpers import ServerProcess
+    reference = reference_model("plain")
+    directory = save_reference(reference, tmp_path / "mamba2-tiny")
+    tokenizer = models.load(directory).tokenizer
+
+    def hf_greedy(prompt, n=8):
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        return out[0, len(prompt):].tolist()
+
+    def complete(server, prompt):
+        body = {"model": "mamba2-tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "session_id": "conv"}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    server = ServerProcess(directory, tmp_path / "server.log", "--session-store", str(tmp_path / "store")).start()
+    try:
+        p1 = tokens(150, seed=3)[0].tolist()
+        out1 = hf_greedy(p1)
+        assert complete(server, p1)["choices"][0]["text"] == served_text(tokenizer, out1)
+        server.kill()  # at once after the response
+        server.start()
+        p2 = p1 + out1 + tokens(30, seed=4)[0].tolist()
+        second = complete(server, p2)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.8 * len(p2)
+        assert second["choices"][0]["text"] == served_text(tokenizer, hf_greedy(p2))
+    finally:
+        server.stop()
