@@ -21,8 +21,9 @@ from tests.helpers import tiny_model
 MODEL_NAME = "tiny-mc"
 
 
-def save_tiny_model(path):
-    model = tiny_model(memory="gla", aggregation="grm", vocab_size=260, segment_size=8)
+def save_tiny_model(path, arch="mcserve"):
+    memory = "delta" if arch == "gated_deltanet" else "gla"
+    model = tiny_model(arch=arch, memory=memory, aggregation="grm", vocab_size=260, segment_size=8)
     model.tokenizer = models.byte_tokenizer()
     models.save(model, path / MODEL_NAME)
     return path / MODEL_NAME

@@ -12,9 +12,9 @@ import pytest
 from tests.server_helpers import MODEL_NAME, running_server, save_tiny_model
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("models"))
+@pytest.fixture(scope="module", params=["mcserve", "mamba2", "gated_deltanet"])
+def model_dir(request, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models"), request.param)
 
 
 @pytest.fixture(scope="module")
