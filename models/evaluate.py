@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io
+from .config import parse_setting
 from .data import read_documents, validation_indices
 from .model import MCModel
 
@@ -65,14 +66,17 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model config key set on load, for every model (e.g. aggregation=residual)")
     args = parser.parse_args(argv)
+    overrides = dict(parse_setting(s) for s in args.set)
     docs = read_documents([Path(p) for p in args.data])
     held_out = [docs[i] for i in sorted(validation_indices(docs, args.val_fraction, args.seed))]
     print(f"# {len(held_out)} held-out documents")
     print("| model | aggregation | length | windows | loss (nats/token) | ppl | loss, 2nd half of window |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for path in args.models:
-        model = io.load(path)
+        model = io.load(path, overrides=overrides)
         for row in evaluate(model, held_out, args.lengths):
             if not row["windows"]:
                 print(f"| {Path(path).name} | {model.config.aggregation} | {row['length']} | 0 | - | - | - |")

@@ -34,6 +34,8 @@ def rows(stdout: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("argv", [
     ("--arch", "90"),                                                                 # the e2e benchmark's shape
     ("--arch", "80", "--heads", "3", "--dk", "24", "--dv", "40", "--chunk", "16"),   # odd sizes, Ampere
+    ("--arch", "90", "--heads", "24", "--dk", "128", "--dv", "64"),                   # mamba2-130m's layers
+    ("--arch", "90", "--heads", "6", "--dk", "256", "--dv", "512"),                   # GDN 1.3B's layers
 ])
 def test_every_kernel_compiles_for_the_gpu_and_fits(argv):
     done = run_compile_check(*argv)

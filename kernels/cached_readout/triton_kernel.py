@@ -147,6 +147,9 @@ def cached_readout_triton(pool, summaries, tables, lengths, q, u, r_online, mode
         lengths.to(torch.int32).contiguous(), q.contiguous(), (u if u is not None else q).contiguous(),
         r_online.float().contiguous(), partial, g_online, float(scale), max(max_n, 1), per_split,
         H=H, DK=DK, DV=DV, NUM_VB=v_blocks, BLOCK_N=SCORE_TILE, BLOCK_K=triton.next_power_of_2(DK),
-        BLOCK_V=block_v, MODE=MODE_IDS[mode], TOP_K=max(top_k, 1))
+        BLOCK_V=block_v, MODE=MODE_IDS[mode], TOP_K=max(top_k, 1),
+        # A [dk, 64] checkpoint tile of dk >= 128 (Mamba2's state, GDN's keys) holds 8k+ values:
+        # over 128 threads it spilled; 8 warps keep it in registers.
+        num_warps=8 if triton.next_power_of_2(DK) * block_v >= 8192 else 4)
     y = partial[0] if splits == 1 else partial.sum(0)
     return y, g_online
