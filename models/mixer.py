@@ -217,7 +217,6 @@ class Mixer(nn.Module):
         every segment end. `chunks(n, M)` gives chunk n's online read-outs and the state after it.
         Returns the online read-outs [B,H,N,L,dv], the key sum entering each chunk [B,H,N,dk],
         and how many checkpoints each chunk can see."""
-        c = self.config
         N = k.shape[2]
         M, key_sum = st.online, st.key_sum
         online, key_sum_at_start, visible = [], [], []

@@ -19,25 +19,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # fla's kernels on the CPU
 import torch  # noqa: E402
 
 import models  # noqa: E402
-
-
-def paths(model, ids, split=133):
-    with torch.no_grad():
-        state = model.new_state(1)
-        stepped = [model.prefill(ids[:, :split], state)]
-        stepped += [model.decode(ids[:, t], state)[:, None] for t in range(split, ids.shape[1])]
-        return {"chunked": model(ids), "naive": model.naive_forward(ids), "prefill+decode": torch.cat(stepped, 1)}
+from tests.reference_helpers import mcserve_paths, save_reference, tokens  # noqa: E402
 
 
 def report(library: str, module) -> None:
     for name in sorted(module.CONFIGS):
         reference = module.reference_model(name)
-        directory = module.save_reference(reference, Path(tempfile.mkdtemp()) / "m")
-        model = models.load(directory)
-        ids = module.tokens()
+        model = models.load(save_reference(reference, Path(tempfile.mkdtemp()) / "m"))
+        ids = tokens()
         with torch.no_grad():
             want = reference(ids).logits.float()
-        diffs = {k: (v - want).abs().max().item() for k, v in paths(model, ids).items()}
+        diffs = {k: (v - want).abs().max().item() for k, v in mcserve_paths(model, ids).items()}
         cells = " | ".join(f"{diffs[k]:.1e}" for k in ("chunked", "naive", "prefill+decode"))
         print(f"| {library} | {name} | {module.CONFIGS[name]} | {cells} | {want.abs().max().item():.2f} |", flush=True)
 

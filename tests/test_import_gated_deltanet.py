@@ -17,14 +17,12 @@ from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
 from kernels import interpreted
 from kernels.fla_baseline import keep_first_autotune_configs
-from models.tokenizer import CHATML_TEMPLATE
-from tests.test_import_mamba2 import served_text
+from tests.reference_helpers import VOCAB, mcserve_paths, save_reference, served_text, tokens
 
 fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is not installed")
 if interpreted():
     keep_first_autotune_configs()
 
-VOCAB = 300
 CONFIGS = {
     "plain": dict(hidden_size=64, num_heads=2, head_dim=16, expand_v=2.0, intermediate_size=96),
     "gva": dict(hidden_size=48, num_heads=2, num_v_heads=4, head_dim=12, expand_v=1.5, intermediate_size=80,
@@ -53,23 +51,11 @@ def reference_model(name, seed=0):
     return model
 
 
-def save_reference(model, directory):
-    model.save_pretrained(directory)
-    models.byte_tokenizer().hf.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))
-    return directory
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     reference = reference_model(request.param)
     directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / "gdn-tiny")
     return request.param, reference, models.load(directory), directory
-
-
-def tokens(n=320, seed=1):
-    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -99,11 +85,7 @@ def test_logits_equal_the_reference_on_every_path(pair):
     ids = tokens()
     with torch.no_grad():
         want = reference(ids).logits.float()
-        chunked, naive = model(ids), model.naive_forward(ids)
-        state = model.new_state(1)
-        split = model.prefill(ids[:, :133], state)
-        stepped = torch.stack([model.decode(ids[:, t], state) for t in range(133, ids.shape[1])], dim=1)
-    for got in (chunked, naive, torch.cat([split, stepped], dim=1)):
+    for got in mcserve_paths(model, ids).values():
         assert (got - want).abs().max() < TOL
 
 

@@ -15,11 +15,10 @@ import models
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
-from models.tokenizer import CHATML_TEMPLATE
+from tests.reference_helpers import VOCAB, mcserve_paths, save_reference, served_text, tokens
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 300  # the byte tokenizer's 259 tokens, and some never produced
 CONFIGS = {
     "plain": dict(hidden_size=64, num_heads=4, head_dim=32, state_size=16, n_groups=1, expand=2),
     "groups": dict(hidden_size=48, num_heads=6, head_dim=16, state_size=12, n_groups=3, expand=2,
@@ -48,31 +47,11 @@ def reference_model(name, seed=0):
     return model
 
 
-def save_reference(model, directory):
-    model.save_pretrained(directory)
-    models.byte_tokenizer().hf.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE}))
-    return directory
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
     reference = reference_model(request.param)
     directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / "mamba2-tiny")
     return request.param, reference, models.load(directory), directory
-
-
-def tokens(n=320, seed=1):
-    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def served_text(tokenizer, ids):
-    """The text the server sends for these generated ids (its incremental detokenizer, which
-    holds back an unfinished UTF-8 sequence at the end)."""
-    from engine.detokenizer import IncrementalDetokenizer
-    detok = IncrementalDetokenizer(tokenizer, ())
-    return "".join(detok.add(i) for i in ids) + detok.finish()
 
 
 def test_the_config_and_tensors_map_onto_mcserve(pair):
@@ -91,12 +70,8 @@ def test_logits_equal_the_reference_on_every_path(pair):
     name, reference, model, _ = pair
     ids = tokens()
     with torch.no_grad():
-        want = reference(ids).logits
-        chunked, naive = model(ids), model.naive_forward(ids)
-        state = model.new_state(1)
-        split = model.prefill(ids[:, :133], state)
-        stepped = torch.stack([model.decode(ids[:, t], state) for t in range(133, ids.shape[1])], dim=1)
-    for got in (chunked, naive, torch.cat([split, stepped], dim=1)):
+        want = reference(ids).logits.float()
+    for got in mcserve_paths(model, ids).values():
         assert (got - want).abs().max() < TOL
 
 
