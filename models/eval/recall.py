@@ -148,7 +148,8 @@ def state_bytes(model: nn.Module) -> dict:
     one_segment = model.new_state(1)
     with torch.no_grad():
         model.prefill(torch.zeros(1, c.segment_size, dtype=torch.long), one_segment)
-    per_checkpoint = one_segment.nbytes() - empty.nbytes()
+    # `none` keeps its checkpoints only as restart points (prefix reuse); reading needs none of them.
+    per_checkpoint = 0 if c.aggregation == "none" else one_segment.nbytes() - empty.nbytes()
     return {"fixed_state_bytes": empty.nbytes(), "bytes_per_token": per_checkpoint / c.segment_size}
 
 
