@@ -163,3 +163,23 @@ def test_a_transformers_checkpoint_serves_and_resumes_exactly_after_kill_9(tmp_p
         assert second["choices"][0]["text"] == served_text(tokenizer, hf_greedy(p2))
     finally:
         server.stop()
+
+
+def test_a_sharded_checkpoint_loads_and_generate_runs_on_it(tmp_path):
+    import subprocess
+    import sys
+    reference = reference_model("groups")
+    whole = models.load(save_reference(reference, tmp_path / "whole"))
+    sharded = tmp_path / "sharded"
+    reference.save_pretrained(sharded, max_shard_size="20KB")  # transformers writes an index and shards
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 1
+    assert models.load(sharded).fingerprint == whole.fingerprint
+    (sharded / sorted(sharded.glob("model-*.safetensors"))[0].name).unlink()
+    with pytest.raises(models.ModelLoadError, match="named by model.safetensors.index.json"):
+        models.load(sharded)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "Once", "--model", str(tmp_path / "whole"),
+                           "--max-tokens", "5", "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Once")
