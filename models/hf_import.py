@@ -26,10 +26,13 @@ SUPPORTED = tuple(MODEL_TYPES.values())
 
 def is_foreign(values: dict[str, Any]) -> bool:
     """Whether a config.json was written by another library (not mcserve's own)."""
-    return "architectures" in values or "model_type" in values
+    return "architectures" in values or "model_type" in values or "ssm_cfg" in values
 
 
 def architecture(values: dict[str, Any]) -> str:
+    if "ssm_cfg" in values and not values.get("architectures"):
+        raise ConfigError("this is a mamba_ssm checkpoint (config.json with ssm_cfg), not transformers' layout: "
+                          "convert it once with transformers' mamba2 conversion script, then load the result")
     archs = values.get("architectures") or []
     if not archs and values.get("model_type") in MODEL_TYPES:
         archs = [MODEL_TYPES[values["model_type"]]]

@@ -109,6 +109,8 @@ def test_what_cannot_be_honoured_is_a_one_line_error(tmp_path):
     directory = save_reference(reference, tmp_path / "m")
     config = json.loads((directory / "config.json").read_text())
     for change, message in [({"architectures": ["FalconMambaForCausalLM"]}, "not supported"),
+                            ({"architectures": None, "model_type": None, "ssm_cfg": {"layer": "Mamba2"}},
+                             "mamba_ssm checkpoint"),
                             ({"hidden_act": "gelu"}, "hidden_act"),
                             ({"expand": 3}, "expand"),
                             ({"n_groups": 3}, "n_groups")]:
