@@ -194,7 +194,7 @@ class LLMEngine:
         try:
             slot = self.runner.read_slot(seq.slot) if tier == "device" else self._swapped_slots[seq.request_id]
             keys = [store.block_key(h) for h in self.scheduler.block_hashes(seq, len(seq.block_table))]
-            unknown = store.unknown_blocks(keys)
+            unknown = store.unknown_blocks(seq.session_id, keys)
             read = self.runner.read_blocks([seq.block_table[i] for i in unknown], tier) if unknown else {}
             new_blocks = {keys[i]: {name: t[:, j].clone() for name, t in read.items()} for j, i in enumerate(unknown)}
         except BaseException:

@@ -159,6 +159,8 @@ class SessionStore:
         self.pending: Counter = Counter()    # session -> writes queued, not landed
         self.tenures: dict[str, str] = {}    # session -> the holder id of this process's lease on it
         self.pinned: Counter = Counter()     # block key -> queued writes that reference it
+        self.evicting: set[str] = set()      # sessions this process is evicting (under its lease)
+        self.prepinned: dict[str, list[str]] = {}  # session -> keys pinned by `unknown_blocks` for its put
         self.legacy: dict[str, dict[str, str]] = {}
         self._seen_damage: set[str] = set()
         self.writer = StoreWriter()
@@ -177,11 +179,20 @@ class SessionStore:
     def block_key(self, chain_hash: str) -> str:
         return f"{self.fingerprint[:16]}-{self.ckpt_dtype}-{chain_hash}"
 
-    def unknown_blocks(self, keys: list[str]) -> list[int]:
-        """Indices of `keys` this store does not know to hold: the blocks a put must be given."""
+    def unknown_blocks(self, session_id: str, keys: list[str]) -> list[int]:
+        """Indices of `keys` this store does not know to hold: the blocks the coming `put` of
+        `session_id` must be given. The others are pinned from now on, so that no collection
+        deletes them before that put (or a `release`) ends it."""
         with self.lock:
+            self._unpin(self.prepinned.pop(session_id, []))
+            self.prepinned[session_id] = list(keys)
+            self.pinned.update(keys)
             return [i for i, k in enumerate(keys) if not self.index.has_blob(("block", k))
                     and self.memory.block(k) is None]
+
+    def _unpin(self, keys: list[str]) -> None:
+        self.pinned.subtract(keys)
+        self.pinned += Counter()  # drop the zeros
 
     # --- leases ----------------------------------------------------------------------------
     def acquire(self, session_id: str) -> None:
@@ -189,6 +200,8 @@ class SessionStore:
         replica holds it. Each acquire is ended by a `put` or a `release`."""
         check_session_id(session_id)
         with self.lock:
+            if session_id in self.evicting:
+                raise SessionError(f"session {session_id!r} is being evicted", "busy")
             if self.holds[session_id] == 0 and self.pending[session_id] == 0 and not self._take_lease(session_id):
                 raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
             self.holds[session_id] += 1
@@ -209,6 +222,8 @@ class SessionStore:
 
     def release(self, session_id: str) -> None:
         """End an acquire that saves nothing (the lease goes once earlier writes have landed)."""
+        with self.lock:
+            self._unpin(self.prepinned.pop(session_id, []))
         self.writer.submit(self._drop_hold, session_id)
 
     def _drop_hold(self, session_id: str) -> None:
@@ -222,14 +237,14 @@ class SessionStore:
     def _renew_leases(self) -> None:
         while not self._closed.wait(self.lease_s / 3):
             with self.lock:
-                held = [sid for sid in set(self.holds) | {s for s, n in self.pending.items() if n > 0}]
+                held = set(self.holds) | {s for s, n in self.pending.items() if n > 0} | self.evicting
             for sid in held:
                 try:
                     with self.lock:
                         tenure = self.tenures.get(sid)
                     if tenure is not None and not self.backend.renew_lease(sid, tenure, self.lease_s):
                         log.warning("lost the lease of session %r: its next write will be refused", sid)
-                except BackendError as e:
+                except Exception as e:  # noqa: BLE001 - the thread must live on: every held lease needs it
                     log.warning("could not renew the lease of session %r: %s", sid, e)
 
     # --- reads -----------------------------------------------------------------------------
@@ -274,8 +289,8 @@ class SessionStore:
             digest = _digest(data)
             with self.lock:
                 cached = self.memory.get(session_id)
-                if cached is not None and cached.digest == digest:
-                    return
+                if self.pending[session_id] > 0 or (cached is not None and cached.digest == digest):
+                    return  # a write is queued: the memory tier holds a newer state than the store
             self._load(manifest, digest, len(data), strict=True)
         except (OSError, SessionError, IntegrityError):
             return
@@ -308,6 +323,8 @@ class SessionStore:
                     raise
                 self._integrity_error(e, manifest.session_id)
         with self.lock:
+            if strict and self.pending[manifest.session_id] > 0:  # a prefetch overtaken by a write
+                return self._state(manifest, slot, blocks)
             good = Manifest(**{**manifest.__dict__, "blocks": manifest.blocks[:len(blocks)]})
             self.memory.put(manifest.session_id, CachedSession(digest, good, slot, tensors_nbytes(slot)), fresh)
             self._index_manifest(manifest, manifest_bytes)
@@ -351,6 +368,7 @@ class SessionStore:
                     raise SessionError(f"session {session_id!r} is busy with a request on another replica", "busy")
                 self.holds[session_id] += 1
             self.pending[session_id] += 1
+            self._unpin(self.prepinned.pop(session_id, []))
             self.pinned.update(manifest.blocks)  # a collection before this write lands must spare them
         return self.writer.submit(self._write, manifest, new_blocks, slot)
 
@@ -362,6 +380,7 @@ class SessionStore:
         return per_block * len(manifest.blocks) + tensors_nbytes(slot) + 4 * len(manifest.tokens)
 
     def _write(self, manifest: Manifest, new_blocks: dict[str, Tensors], slot: Tensors | None) -> SessionEntry:
+        pinned = list(manifest.blocks)  # what `put` pinned; the manifest below may be cut
         manifest = Manifest(**{**manifest.__dict__, "blocks": list(manifest.blocks)})  # the memory tier's stays whole
         sid, started = manifest.session_id, time.monotonic()
         try:
@@ -420,9 +439,11 @@ class SessionStore:
                 self.pending[sid] -= 1
                 if self.pending[sid] <= 0:
                     del self.pending[sid]
-                self.pinned.subtract(manifest.blocks)
-                self.pinned += Counter()  # drop the zeros
-            self._drop_hold(sid)
+                self._unpin(pinned)
+            try:
+                self._drop_hold(sid)
+            except BackendError as e:  # the turn is saved; its lease runs out by itself
+                log.warning("session %r: could not release its lease: %s", sid, e)
             self.writer.submit(self._enforce_limits)
 
     def _write_block(self, key: str, tensors: Tensors) -> None:
@@ -471,7 +492,7 @@ class SessionStore:
         finally:
             self.release(session_id)
 
-    def _delete_now(self, session_id: str) -> bool:
+    def _delete_now(self, session_id: str, collect: bool = True) -> bool:
         data = self.backend.get("manifest", session_id)
         slot = None
         if data is not None:
@@ -491,7 +512,8 @@ class SessionStore:
             if slot:
                 self.index.drop_blob(("slot", slot))
             self.memory.drop(session_id)
-        self._collect(self.gc_grace_s)
+        if collect:
+            self._collect(self.gc_grace_s)
         return data is not None or entry is not None or legacy
 
     def info(self, session_id: str) -> SessionEntry | None:
@@ -533,7 +555,8 @@ class SessionStore:
         self._collect(self.gc_grace_s)
 
     def _evict(self, session_id: str) -> bool:
-        """Delete a session under its lease; a session that another replica holds is spared."""
+        """Delete a session under its lease (renewed meanwhile, and refusing this process's
+        requests for it); a session that another replica holds is spared."""
         with self.lock:
             if self.holds[session_id] > 0 or self.pending[session_id] > 0:
                 return False
@@ -542,13 +565,19 @@ class SessionStore:
                     return False
             except SessionError:
                 return False
+            tenure = self.tenures[session_id]
+            self.evicting.add(session_id)
         try:
-            self._delete_now(session_id)
+            self._delete_now(session_id, collect=False)
         finally:
             with self.lock:
-                tenure = self.tenures.pop(session_id, None)
-                if tenure is not None:
-                    self.backend.release_lease(session_id, tenure)
+                self.evicting.discard(session_id)
+                if self.tenures.get(session_id) == tenure:
+                    del self.tenures[session_id]
+                    try:
+                        self.backend.release_lease(session_id, tenure)
+                    except BackendError as e:
+                        log.warning("session %r: could not release the eviction's lease: %s", session_id, e)
         return True
 
     def _collect(self, min_age_s: float) -> None:

@@ -69,7 +69,7 @@ def _mamba2_config(v: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
     values = {
         "arch": "mamba2", "memory": "gla", "aggregation": "none", "mlp": "none", "mlp_hidden": 1,
         "vocab_size": need("vocab_size"), "d_model": hidden, "n_layers": need("num_hidden_layers"),
-        "n_heads": heads, "dk": need("state_size"), "dv": head_dim, "n_groups": v.get("n_groups", 1),
+        "n_heads": heads, "dk": need("state_size"), "dv": head_dim, "n_groups": v.get("n_groups", 8),
         "conv_size": v.get("conv_kernel", 4), "norm_eps": v.get("layer_norm_epsilon", 1e-5),
         "tie_embeddings": bool(v.get("tie_word_embeddings", False)), "proj_bias": bool(v.get("use_bias", False)),
         "conv_bias": bool(v.get("use_conv_bias", True)), "dt_min": float(low),

@@ -158,21 +158,25 @@ class MCModel(nn.Module):
 
     def init_from(self, source: "MCModel") -> list[str]:
         """Take every weight `source` has (a model of the same architecture, perhaps without what
-        MC adds: a `none` model, an imported checkpoint). A matrix that grew rows (in_proj with
-        the connector u) keeps the source's rows first. Returns the names that are new here."""
-        theirs, new = source.state_dict(), []
+        MC adds: a `none` model, an imported checkpoint). Only what MC adds may be new: a whole
+        parameter (u_proj), or the MC rows of one (in_proj's u rows, after the source's). Returns
+        the names that are new here."""
+        theirs, new, mc = source.state_dict(), [], self.mc_parameters()
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
-                other = theirs.get(name)
+                other, rows = theirs.get(name), mc.get(name, "not mc")
                 if other is not None and other.shape == tensor.shape:
                     tensor.copy_(other)
-                elif other is not None and other.shape[1:] == tensor.shape[1:] and other.shape[0] < tensor.shape[0]:
+                elif other is not None and isinstance(rows, slice) and other.shape[1:] == tensor.shape[1:] \
+                        and other.shape[0] == (rows.start or 0):
                     tensor[:other.shape[0]] = other
                     new.append(f"{name}[{other.shape[0]}:]")
-                elif other is None:
+                elif other is None and rows is None:
                     new.append(name)
                 else:
-                    raise ValueError(f"cannot initialise {name} {tuple(tensor.shape)} from {tuple(other.shape)}")
+                    got = "nothing" if other is None else tuple(other.shape)
+                    raise ValueError(f"cannot initialise {name} {tuple(tensor.shape)} from {got}: only what "
+                                     "Memory Caching adds may differ from the source model")
         unused = sorted(set(theirs) - set(self.state_dict()))
         if unused:
             raise ValueError(f"the source model has weights this config does not use: {unused[:3]}")

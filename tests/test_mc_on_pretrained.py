@@ -110,3 +110,9 @@ def test_residual_is_a_load_time_setting_and_grm_without_u_is_a_clear_error(tmp_
     done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(directory), "--set",
                            "aggregation=grm", "--port", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "needs the connector u" in done.stderr
+
+
+def test_init_from_refuses_a_config_change_that_is_not_mc(base, corpus, tmp_path):
+    with pytest.raises(ValueError, match="only what Memory Caching adds"):
+        Trainer(TrainConfig(data=[str(corpus)], out=str(tmp_path / "x"), model={"aggregation": "grm", "dk": 16},
+                            init_from=str(base), **OPTIONS), log=lambda *a: None)

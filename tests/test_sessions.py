@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -383,7 +384,7 @@ def test_a_collection_spares_the_blocks_of_writes_still_queued(model, tmp_path):
     while store.writer.jobs.qsize() < 1:
         time.sleep(0.01)
     # A second session of the same prefix, whose blocks the store holds: it sends none of them.
-    assert store.unknown_blocks(keys) == []
+    assert store.unknown_blocks("second", keys) == []
     write = store.put("second", saved.tokens, keys, {}, saved.slot)
     gate.set()
     deleting.join()
@@ -407,3 +408,48 @@ def test_prefetch_reads_a_session_into_memory_but_never_caches_damage(model, tmp
     store.prefetch("nope")
     assert "s" not in store.memory.sessions and not store.stats.integrity_errors
     assert store.get("s").num_checkpoints == len(blocks) - 1 and store.stats.integrity_errors["truncated"] == 1
+
+
+def _block(value):
+    return {"ckpt": torch.full((2, 4), float(value))}
+
+
+def test_a_write_cut_short_by_a_vanished_block_leaves_nothing_pinned():
+    from engine.store.backend import MemoryBackend
+    store = SessionStore("f" * 32, MemoryBackend())
+    store.acquire("s")
+    store.put("s", [1, 2, 3], ["a", "gone", "c"], {"a": _block(1), "c": _block(3)}, None).result()
+    assert store.get("s").num_checkpoints == 1 and not store.pinned
+
+
+def test_prefetch_never_replaces_a_state_whose_write_is_queued():
+    import threading
+    from engine.store.backend import MemoryBackend
+    store = SessionStore("f" * 32, MemoryBackend())
+    slot = {"online": torch.ones(2, 3)}
+    store.acquire("s")
+    store.put("s", [1, 2], ["a"], {"a": _block(1)}, slot).result()
+    gate = threading.Event()
+    store.writer.submit(gate.wait)         # the next write stays queued (async durability)
+    store.acquire("s")
+    store.put("s", [1, 2, 3, 4], ["a", "b"], {"b": _block(2)}, slot)
+    store.prefetch("s")                    # the next turn's request arrives meanwhile
+    assert store.get("s").tokens == [1, 2, 3, 4]
+    gate.set()
+    store.flush()
+
+
+def test_redis_collects_orphans_once_their_grace_has_passed(tmp_path):
+    from tests.redis_helpers import redis_server
+    with redis_server(tmp_path) as url:
+        store = SessionStore("f" * 32, url, gc_grace_s=1.5)
+        store.acquire("s1")
+        store.put("s1", [1, 2], ["k1", "k2"], {"k1": _block(1), "k2": _block(2)}, None).result()
+        store.delete("s1")
+        store.flush()
+        assert set(store.backend.list("block")) == {"k1", "k2"}  # within the grace: spared
+        time.sleep(2.0)
+        store.list()                       # a scan reads every manifest: no blob may look fresh for it
+        store._collect(store.gc_grace_s)
+        assert store.backend.list("block") == {} and store.stats.blocks_collected == 2
+        store.close()

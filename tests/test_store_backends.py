@@ -131,7 +131,9 @@ def test_a_fenced_put_lands_only_under_its_owners_lease(backend):
 def test_delete_if_idle_spares_what_was_touched_lately(backend):
     backend.put("block", "old", b"1")
     backend.put("block", "new", b"2")
-    time.sleep(1.1)  # Redis keeps idle times in whole seconds
+    time.sleep(1.1)
+    assert backend.get("block", "old") == b"1" and "old" in backend.list("block")  # reads are not uses
+    assert backend.list("block")["old"].age_s >= 1.0
     assert backend.touch("block", "new")
     assert backend.delete_if_idle("block", "old", 1.0)
     assert not backend.delete_if_idle("block", "new", 1.0)
