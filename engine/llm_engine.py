@@ -35,6 +35,10 @@ class QueueFull(EngineError):
     """Too many requests are waiting; try again shortly."""
 
 
+class ContextTooLong(EngineError):
+    """The prompt plus max_tokens exceed `max_model_len`."""
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -95,6 +99,11 @@ class LLMEngine:
         if request_id in self.sequences:
             raise EngineError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params)
+        if not self.scheduler.fits(seq):
+            raise ContextTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt, {params.max_tokens} "
+                "in the completion): shorten the prompt or max_tokens")
         generator = make_generator(params, self.runner.device)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         if session_id is not None:  # last: nothing after it can fail and leave the session held
@@ -201,6 +210,11 @@ class LLMEngine:
             store.release(seq.session_id)
             raise
         return store.put(seq.session_id, seq.all_ids[:seq.num_computed_tokens], keys, new_blocks, slot)
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens of one request, at most (what the device pool can hold)."""
+        return self.scheduler.max_model_len
 
     def session_in_use(self, session_id: str) -> bool:
         return session_id in self._active_sessions
@@ -321,4 +335,4 @@ class LLMEngine:
                 "swapped": len(self.scheduler.swapped)}
 
 
-__all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "SequenceStatus"]
+__all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "ContextTooLong", "SequenceStatus"]

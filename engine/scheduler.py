@@ -71,6 +71,16 @@ class Scheduler:
         self.num_swapped_out = self.num_swapped_in = self.num_recomputed = 0
 
     # --- queue -----------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + generated tokens) that can run: a running sequence
+        holds one device block per finished segment, so a longer one could never be scheduled
+        whole, only preempted again and again."""
+        return (self.config.num_device_blocks + 1) * self.segment_size - 1
+
+    def fits(self, seq: Sequence) -> bool:
+        return len(seq.prompt_ids) + seq.params.max_tokens <= self.max_model_len
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 

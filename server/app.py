@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped
-from engine.llm_engine import EngineError, QueueFull, RequestOutput
+from engine.llm_engine import ContextTooLong, EngineError, QueueFull, RequestOutput
 from engine.params import SamplingError, SamplingParams
 from engine.session_index import SessionError, check_session_id
 
@@ -40,6 +40,14 @@ class ServerState:
     metrics: Metrics
     model_name: str
     created: int
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """What is left of `max_model_len` after the prompt (as vLLM), capped by
+        --default-max-tokens when set; at least 1, so that a prompt too long by itself gets the
+        engine's clear 400."""
+        left = self.engine.engine.max_model_len - prompt_len
+        cap = self.config.default_max_tokens
+        return max(1, min(left, cap) if cap else left)
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
@@ -92,7 +100,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt_ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
         params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens,
-                                 body.top_logprobs if body.logprobs else None)
+                                 body.top_logprobs if body.logprobs else None, len(prompt_ids))
         session_id = session_of(body, request)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         stream = await start(state, prompt_ids, params, body.n, session_id, rid)
@@ -118,7 +126,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
                 raise errors.APIError(400, "this server takes one prompt per request", param="prompt")
             prompt = prompt[0]
         prompt_ids = list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
-        params = sampling_params(state, body, body.max_tokens, body.logprobs)
+        params = sampling_params(state, body, body.max_tokens, body.logprobs, len(prompt_ids))
         session_id = session_of(body, request)
         rid = f"cmpl-{secrets.token_hex(12)}"
         stream = await start(state, prompt_ids, params, body.n, session_id, rid)
@@ -183,7 +191,8 @@ class APIKeyMiddleware:
 
 # --- helpers -------------------------------------------------------------------------------
 def model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mcserve"}
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mcserve",
+            "max_model_len": state.engine.engine.max_model_len}
 
 
 def check_model(state: ServerState, name: str) -> None:
@@ -235,11 +244,11 @@ def session_card(entry) -> dict:
 
 
 def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_len: int) -> SamplingParams:
     tokenizer = state.engine.engine.tokenizer
     try:
         return SamplingParams(
-            max_tokens=max_tokens or state.config.default_max_tokens, temperature=body.temperature,
+            max_tokens=max_tokens or state.default_max_tokens(prompt_len), temperature=body.temperature,
             top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=body.stop_strings(),
@@ -275,6 +284,8 @@ async def start(state: ServerState, prompt_ids: list[int], params: SamplingParam
         raise errors.APIError(503, str(e), code="shutting_down") from None
     except QueueFull as e:
         raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+    except ContextTooLong as e:
+        raise errors.APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     except EngineError as e:
         raise errors.APIError(400, str(e), param="prompt") from None
     return _prepend(first, stream)

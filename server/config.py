@@ -23,7 +23,7 @@ class ServerConfig:
     api_key: str = ""                    # "" = no authentication
     served_model_name: str = ""          # "" = the model directory's name
     max_prompt_tokens: int = 65536
-    default_max_tokens: int = 256
+    default_max_tokens: int = 0          # max_tokens when a request gives none; 0 = what is left of max_model_len (vLLM)
     max_queued_requests: int = 256
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
@@ -45,7 +45,9 @@ class ServerConfig:
             raise ServerConfigError(f"port must be in 1..65535, got {self.port}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" and value <= 0:
+            may_be_zero = f.name == "default_max_tokens"
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" \
+                    and (value < 0 if may_be_zero else value <= 0):
                 raise ServerConfigError(f"{f.name} must be > 0, got {value}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ServerConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

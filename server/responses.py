@@ -86,7 +86,7 @@ def responses_router(state) -> APIRouter:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         tokenizer = state.engine.engine.tokenizer
         prompt_ids = tokenizer.encode(tokenizer.render_chat(system + conversation, add_generation_prompt=True))
-        params = SamplingParams(max_tokens=body.max_output_tokens or state.config.default_max_tokens,
+        params = SamplingParams(max_tokens=body.max_output_tokens or state.default_max_tokens(len(prompt_ids)),
                                 temperature=body.temperature, top_p=body.top_p,
                                 stop_token_ids=tuple(tokenizer.eos_ids))
         rid = f"resp_{secrets.token_hex(12)}"

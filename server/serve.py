@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -33,6 +34,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     store = SessionStore(model.fingerprint, open_backend(config.store), limits, ckpt_dtype=config.ckpt_dtype,
                          durability=config.session_durability, lease_s=config.session_lease_s)
     engine = AsyncEngine(LLMEngine(model, engine_config, store))
+    print(f"mcserve: max_model_len {engine.engine.max_model_len} tokens ({config.num_device_blocks} device "
+          f"checkpoint blocks of {model.config.segment_size} tokens)", file=sys.stderr, flush=True)
     return build_app(engine, config, config.served_model_name or model_dir.name)
 
 

@@ -232,3 +232,22 @@ def test_metrics_move_with_requests(server, client):
                  'mcserve:evictions_total{kind="checkpoint_block"}', 'mcserve:preemptions_total{kind="swap_out"}'):
         metric(after, name)
     assert json.loads(json.dumps(after)) == after  # plain text exposition
+
+
+def test_a_request_longer_than_the_pool_can_hold_is_refused_at_once(model_dir):
+    # the case: 600 tokens on a pool of 4 checkpoint blocks once span forever in preemptions
+    with running_server(model_dir, num_device_blocks=4, num_host_blocks=2, default_max_tokens=0) as (url, _):
+        card = httpx.get(url + "/v1/models").json()["data"][0]
+        limit = card["max_model_len"]
+        assert limit == 5 * 8 - 1  # (4 blocks + the open segment) x segment 8, less the unread last token
+        started = time.monotonic()
+        too_long = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 600})
+        assert time.monotonic() - started < 1.0
+        body = error_of(too_long, 400)
+        assert body["code"] == "context_length_exceeded" and f"maximum context length is {limit}" in body["message"]
+        # With no max_tokens, a request gets what is left of the limit, and finishes.
+        full = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello", "ignore_eos": True},
+                          timeout=60).json()
+        usage = full["usage"]
+        assert full["choices"][0]["finish_reason"] == "length"
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == limit
