@@ -40,7 +40,7 @@ def test_concurrent_streams_equal_reference(model):
 def test_consumer_that_goes_away_aborts_its_request(model):
     async def main():
         engine = AsyncEngine(make_engine(model))
-        stream = engine.generate(prompts(1)[0], SamplingParams(max_tokens=500, temperature=0.0))
+        stream = engine.generate(prompts(1)[0], SamplingParams(max_tokens=300, temperature=0.0))
         async for _ in stream:
             break
         await stream.aclose()
@@ -69,7 +69,7 @@ def test_errors_surface_before_streaming_and_n_samples_stream(model):
 def test_shutdown_aborts_stragglers_and_saves_their_session(model, tmp_path):
     async def main():
         store = SessionStore(model.fingerprint, tmp_path)
-        engine = AsyncEngine(LLMEngine(model, make_engine(model).config, store))
+        engine = AsyncEngine(LLMEngine(model, make_engine(model, num_device_blocks=2100).config, store))
         stream = engine.generate(prompts(1)[0], SamplingParams(max_tokens=10_000, temperature=0.0),
                                  session_id="long")
         first = await stream.__anext__()

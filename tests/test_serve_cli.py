@@ -21,7 +21,7 @@ def test_serve_then_sigterm_saves_in_flight_work(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(proc, url + "/health", 30, "the server", proc.stdout.read)
-        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 100000,
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 10000,
                 "ignore_eos": True, "stream": True, "session_id": "inflight"}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
