@@ -11,6 +11,8 @@ Triton kernel (engine/decode_backends.py).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from .aggregation import gate_weights, ssc_topk
@@ -19,19 +21,20 @@ from .memory import Memory
 from .state import LayerState
 
 
-class TorchCheckpoints:
+class TorchCheckpoints(abc.ABC):
     """The read-out in torch over `summaries()` [B,H,n,dk] and `weighted_sum`; `mask` [B,n]
     marks the real checkpoints when sequences have different numbers (None: all real)."""
 
     mask: torch.Tensor | None = None
     count: int = 0
 
+    @abc.abstractmethod
     def summaries(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The checkpoints' key summaries, [B,H,n,dk]."""
 
+    @abc.abstractmethod
     def weighted_sum(self, weights: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """sum_i w_i C_i -> [B,H,dk,dv]. weights [B,H,n], or [B,H,k] over the checkpoints `index`."""
-        raise NotImplementedError
 
     def read(self, q: torch.Tensor, u: torch.Tensor | None, r_online: torch.Tensor | None,
              c: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,7 @@ class Projected:
         return self.conv_window[:, offset:offset + width]
 
 
-class Mixer(nn.Module):
+class Mixer(nn.Module, metaclass=abc.ABCMeta):
     """The paths; a subclass gives `project`, `finish` and its `conv` (a ShortConv or None)."""
 
     conv: ShortConv | None
@@ -72,12 +74,13 @@ class Mixer(nn.Module):
         self.memory = build_memory(config, self.memory_owns_gates)
         self.chunk_size = pick_chunk_size(config.segment_size)
 
+    @abc.abstractmethod
     def project(self, x: torch.Tensor, conv_tail: torch.Tensor | None) -> Projected:
-        raise NotImplementedError
+        """Token features x [B,T,d] -> the memory's inputs for the span (and the new conv tail)."""
 
+    @abc.abstractmethod
     def finish(self, y: torch.Tensor, p: Projected, x: torch.Tensor) -> torch.Tensor:
         """y [B,H,T,dv], the read-outs of the span `p` -> the layer's output [B,T,d]."""
-        raise NotImplementedError
 
     def mc_parameters(self) -> dict[str, slice | None]:
         """What Memory Caching adds to the layer: parameter name -> the rows that are MC's

@@ -23,6 +23,18 @@ def save_reference(model, directory):
     return directory
 
 
+def reference_pair(make, configs, directory_name):
+    """A module-scoped fixture over `configs`: (name, reference model, mcserve's load of it, its directory)."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=sorted(configs))
+    def pair(request, tmp_path_factory):
+        reference = make(request.param)
+        directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / directory_name)
+        return request.param, reference, models.load(directory), directory
+    return pair
+
+
 def tokens(n=320, seed=1):
     return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -34,6 +46,14 @@ def mcserve_paths(model, ids, split=133) -> dict[str, torch.Tensor]:
     stepped = [model.prefill(ids[:, :split], state)]
     stepped += [model.decode(ids[:, t], state)[:, None] for t in range(split, ids.shape[1])]
     return {"chunked": model(ids), "naive": model.naive_forward(ids), "prefill+decode": torch.cat(stepped, 1)}
+
+
+@torch.no_grad()
+def path_errors(reference, model, ids=None) -> dict[str, float]:
+    """The largest |logit difference| of each of mcserve's paths against the reference's forward."""
+    ids = tokens() if ids is None else ids
+    want = reference(ids).logits.float()
+    return {path: (got - want).abs().max().item() for path, got in mcserve_paths(model, ids).items()}
 
 
 def served_text(tokenizer, ids):

@@ -17,7 +17,7 @@ from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
 from kernels import interpreted
 from kernels.fla_baseline import keep_first_autotune_configs
-from tests.reference_helpers import VOCAB, mcserve_paths, save_reference, served_text, tokens
+from tests.reference_helpers import VOCAB, path_errors, reference_pair, save_reference, served_text, tokens
 
 fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is not installed")
 if interpreted():
@@ -51,11 +51,7 @@ def reference_model(name, seed=0):
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
-    reference = reference_model(request.param)
-    directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / "gdn-tiny")
-    return request.param, reference, models.load(directory), directory
+pair = reference_pair(lambda name: reference_model(name), CONFIGS, "gdn-tiny")
 
 
 @torch.no_grad()
@@ -82,11 +78,8 @@ def test_the_config_and_tensors_map_onto_mcserve(pair):
 
 def test_logits_equal_the_reference_on_every_path(pair):
     name, reference, model, _ = pair
-    ids = tokens()
-    with torch.no_grad():
-        want = reference(ids).logits.float()
-    for got in mcserve_paths(model, ids).values():
-        assert (got - want).abs().max() < TOL
+    errors = path_errors(reference, model)
+    assert max(errors.values()) < TOL, errors
 
 
 def test_engine_greedy_equals_the_references_greedy_loop(pair):

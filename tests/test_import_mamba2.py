@@ -15,7 +15,7 @@ import models
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
-from tests.reference_helpers import VOCAB, mcserve_paths, save_reference, served_text, tokens
+from tests.reference_helpers import VOCAB, path_errors, reference_pair, save_reference, served_text, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,11 +47,7 @@ def reference_model(name, seed=0):
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
-    reference = reference_model(request.param)
-    directory = save_reference(reference, tmp_path_factory.mktemp(request.param) / "mamba2-tiny")
-    return request.param, reference, models.load(directory), directory
+pair = reference_pair(lambda name: reference_model(name), CONFIGS, "mamba2-tiny")
 
 
 def test_the_config_and_tensors_map_onto_mcserve(pair):
@@ -68,11 +64,8 @@ def test_the_config_and_tensors_map_onto_mcserve(pair):
 
 def test_logits_equal_the_reference_on_every_path(pair):
     name, reference, model, _ = pair
-    ids = tokens()
-    with torch.no_grad():
-        want = reference(ids).logits.float()
-    for got in mcserve_paths(model, ids).values():
-        assert (got - want).abs().max() < TOL
+    errors = path_errors(reference, model)
+    assert max(errors.values()) < TOL, errors
 
 
 @pytest.mark.parametrize("name", ["plain", "groups"])
