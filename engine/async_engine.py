@@ -1,7 +1,8 @@
 """AsyncEngine: the engine loop in a background thread, with an async stream per request.
 
 The LLMEngine is not thread-safe, so every call into it (the loop's steps, adding, aborting,
-session look-ups) runs under one lock. Steps run in their own thread so the event loop keeps
+session look-ups) runs under one lock, and each one ends by publishing `stats`, a snapshot that
+other threads (metrics, health) read instead of the engine. Steps run in their own thread so the event loop keeps
 serving while the model computes (torch releases the GIL). A consumer that stops iterating
 (a client that disconnected) aborts its request, which frees its slot and blocks at once.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from .llm_engine import LLMEngine, RequestOutput
 from .params import SamplingParams
+from .stats import EngineStats
 
 
 class EngineStopped(RuntimeError):
@@ -28,6 +30,7 @@ class AsyncEngine:
         # the one place where metrics see each request finish exactly once.
         self.on_output: Callable[[RequestOutput], None] | None = None
         self._lock = threading.Lock()
+        self.stats: EngineStats = engine.stats()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._persisting: set[str] = set()  # finished requests whose output waits for its session write
@@ -84,7 +87,10 @@ class AsyncEngine:
 
     def _locked(self, fn, *args):
         with self._lock:
-            return fn(*args)
+            try:
+                return fn(*args)
+            finally:
+                self.stats = self.engine.stats()
 
     async def abort(self, group_id: str) -> list[RequestOutput]:
         """Abort a request (all its samples) from outside its stream, e.g. when the client of a
@@ -137,6 +143,7 @@ class AsyncEngine:
                     self.step_error = e
                     outputs = []
                     self._fail_everything(e)
+                self.stats = self.engine.stats()
             for out in outputs:
                 self._deliver(out.request_id, out)
             if not busy:

@@ -23,6 +23,7 @@ from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, SequenceStatus
+from .stats import TIERS, EngineStats
 from .session_index import SessionError, check_session_id
 from .sessions import SessionStore, stack_blocks
 
@@ -79,6 +80,7 @@ class LLMEngine:
         self._resume: dict[str, tuple] = {}  # request -> (saved SessionState, exact)
         self._active_sessions: dict[str, str] = {}  # session -> the request using it
         self._ids = itertools.count()
+        self._num_steps = 0
 
     # --- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -216,14 +218,19 @@ class LLMEngine:
         """Prompt + generated tokens of one request, at most (what the device pool can hold)."""
         return self.scheduler.max_model_len
 
-    def session_in_use(self, session_id: str) -> bool:
-        return session_id in self._active_sessions
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a saved session; SessionError "busy" while a request uses it (here, or on
+        another replica: the store's lease)."""
+        if session_id in self._active_sessions:
+            raise SessionError(f"session {session_id!r} is busy with a request", "busy")
+        return self.sessions.delete(session_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # --- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._num_steps += 1
         plan = self.scheduler.schedule()
         self._move_states(plan)
         sampled = self._execute(plan)
@@ -327,12 +334,20 @@ class LLMEngine:
         self._swapped_slots.pop(seq.request_id, None)
 
     # --- introspection ---------------------------------------------------------------------
-    def pool_usage(self) -> dict[str, int]:
-        pool = self.scheduler.pool
-        return {"device_used": pool.device.num_used, "device_cached": pool.device.num_cached,
-                "host_used": pool["host"].num_used, "free_slots": len(self.scheduler.free_slots),
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "swapped": len(self.scheduler.swapped)}
+    def stats(self) -> EngineStats:
+        """A snapshot of the scheduler and the pools (call under the engine's lock)."""
+        sched, pool, S = self.scheduler, self.scheduler.pool, self.model.config.segment_size
+        blocks = {}
+        for tier in TIERS:
+            t = pool[tier]
+            blocks[tier, "used"], blocks[tier, "cached"], blocks[tier, "free"] = \
+                t.num_used, t.num_cached, len(t.free_ids)
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_swapped=len(sched.swapped),
+            num_free_slots=len(sched.free_slots), blocks=blocks, block_nbytes=self.runner.block_nbytes(),
+            prefix_query_tokens=pool.prefix_queries * S, prefix_hit_tokens=pool.prefix_hits * S,
+            block_evictions=pool.device.evictions, num_swapped_out=sched.num_swapped_out,
+            num_swapped_in=sched.num_swapped_in, num_recomputed=sched.num_recomputed, num_steps=self._num_steps)
 
 
 __all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "ContextTooLong", "SequenceStatus"]

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .session_index import SessionError, check_session_id
+from .stats import StoreStatsSnapshot
 from .store import legacy_v1
 from .store.backend import BackendError, StoreBackend, open_backend
 from .store.codec import IntegrityError, Manifest, decode_blob, encode_blob
@@ -96,6 +97,7 @@ class StoreStats:
     evictions: Counter = field(default_factory=Counter)         # memory, store
     integrity_errors: Counter = field(default_factory=Counter)  # missing, truncated, checksum, ...
     write_errors: int = 0
+    failing_writes: int = 0  # write errors since the last write that landed: /health is degraded meanwhile
     recent_write_errors: deque = field(default_factory=lambda: deque(maxlen=8))  # for /health
     converted_v1: int = 0
     write_seconds: list[int] = field(default_factory=lambda: [0] * (len(WRITE_BUCKETS) + 1))
@@ -424,12 +426,16 @@ class SessionStore:
                     self.index.drop_blob(("slot", previous.slot))
             with self.lock:
                 entry = self._index_manifest(manifest, len(data))
-            self.stats.writes += 1
-            self.stats.observe_write(time.monotonic() - started)
+            with self.lock:
+                self.stats.writes += 1
+                self.stats.failing_writes = 0
+                self.stats.observe_write(time.monotonic() - started)
             return entry
         except (OSError, SessionError) as e:
-            self.stats.write_errors += 1
-            self.stats.recent_write_errors.append(f"session {sid!r}: {e}")
+            with self.lock:
+                self.stats.write_errors += 1
+                self.stats.failing_writes += 1
+                self.stats.recent_write_errors.append(f"session {sid!r}: {e}")
             log.error("session %r was not saved: %s", sid, e)
             with self.lock:
                 self.memory.drop(sid)  # do not serve a state the store does not have
@@ -477,6 +483,23 @@ class SessionStore:
     def flush(self) -> None:
         """Wait until every write asked for so far has landed."""
         self.writer.flush()
+
+    def snapshot(self) -> StoreStatsSnapshot:
+        """The store's counts and counters, read whole under its lock (for /metrics, /health)."""
+        with self.lock:
+            index, memory, stats = self.index, self.memory, self.stats
+            return StoreStatsSnapshot(
+                backend=self.backend.name,
+                sessions={"memory": len(memory.sessions), "store": index.num_sessions},
+                session_bytes={"memory": memory.nbytes, "store": index.physical_bytes},
+                physical_bytes=index.physical_bytes, logical_bytes=index.logical_bytes,
+                blobs={"block": index.num_blobs("block"), "slot": index.num_blobs("slot")},
+                bytes_written=stats.bytes_written, blocks_collected=stats.blocks_collected,
+                slots_collected=stats.slots_collected,
+                evictions={"memory": memory.evictions, "store": stats.evictions["store"]},
+                integrity_errors=dict(stats.integrity_errors), write_errors=stats.write_errors,
+                failing_writes=stats.failing_writes, recent_write_errors=tuple(stats.recent_write_errors),
+                write_seconds=tuple(stats.write_seconds), write_seconds_sum=stats.write_seconds_sum)
 
     # --- deletes, listing --------------------------------------------------------------------
     def delete(self, session_id: str) -> bool:
@@ -551,7 +574,8 @@ class SessionStore:
             victims = self.index.victims(protected)
         for sid in victims:
             if self._evict(sid):
-                self.stats.evictions["store"] += 1
+                with self.lock:
+                    self.stats.evictions["store"] += 1
         self._collect(self.gc_grace_s)
 
     def _evict(self, session_id: str) -> bool:
@@ -674,8 +698,9 @@ class SessionStore:
     def _integrity_error(self, error: IntegrityError, session_id: str | None = None) -> None:
         if str(error) in self._seen_damage:  # the same damage, found again (a scan, then a read)
             return
-        self._seen_damage.add(str(error))
-        self.stats.integrity_errors[error.kind] += 1
+        with self.lock:
+            self._seen_damage.add(str(error))
+            self.stats.integrity_errors[error.kind] += 1
         where = f" (session {session_id!r} resumes from its last good checkpoint)" if session_id else ""
         log.warning("session store integrity error: %s%s", error, where)
 

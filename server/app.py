@@ -51,7 +51,7 @@ class ServerState:
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
-    state = ServerState(engine, config, Metrics(engine.engine), model_name, int(time.time()))
+    state = ServerState(engine, config, Metrics(engine), model_name, int(time.time()))
     engine.on_output = state.metrics.observe
 
     @contextlib.asynccontextmanager
@@ -68,13 +68,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
 
     @app.get("/health")
     async def health():
-        if engine.step_error is not None:
-            return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
-        store = engine.engine.sessions
-        if store is not None and store.stats.write_errors:  # serving works, persistence does not
-            return {"status": "degraded", "session_write_errors": store.stats.write_errors,
-                    "recent": list(store.stats.recent_write_errors)[-3:]}
-        return {"status": "ok"}
+        return health_body(engine)
 
     @app.get("/version")
     async def version():
@@ -159,10 +153,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str):
-        store = sessions_of(state)
-        if engine.engine.session_in_use(session_id):
-            raise errors.APIError(409, f"session {session_id!r} is busy with a request", code="session_busy")
-        deleted = await engine.call(guarded, store.delete, session_id)
+        sessions_of(state)
+        deleted = await engine.call(guarded, engine.engine.delete_session, session_id)
         if not deleted:
             raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
@@ -190,6 +182,24 @@ class APIKeyMiddleware:
 
 
 # --- helpers -------------------------------------------------------------------------------
+def health_body(engine: AsyncEngine):
+    """503 when the engine failed; "degraded" (200: generation still works) while session writes
+    fail; the store's damage counts either way. Reads snapshots only."""
+    if engine.step_error is not None:
+        return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
+    store = engine.engine.sessions
+    if store is None:
+        return {"status": "ok"}
+    snap = store.snapshot()
+    body = {"status": "ok", "session_store": {
+        "backend": snap.backend, "write_errors": snap.write_errors, "failing_writes": snap.failing_writes,
+        "integrity_errors": sum(snap.integrity_errors.values())}}
+    if snap.failing_writes:  # the last writes did not land: new turns are not being saved
+        body["status"] = "degraded"
+        body["session_store"]["recent_write_errors"] = list(snap.recent_write_errors)[-3:]
+    return body
+
+
 def model_card(state: ServerState) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mcserve",
             "max_model_len": state.engine.engine.max_model_len}

@@ -2,7 +2,7 @@
 
 Request metrics are recorded by the HTTP layer as outputs stream; the state of the engine and of
 the memory cache (checkpoint blocks and bytes per tier, sessions per tier, prefix reuse, evictions,
-swaps) is read at scrape time by a collector, so it is never stale.
+swaps) comes from the snapshots the engine and the store publish (engine/stats.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import RequestOutput
 from engine.sessions import WRITE_BUCKETS
+from engine.stats import StoreStatsSnapshot
 
 P = "mcserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -22,64 +24,58 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 
 
 class EngineCollector:
-    def __init__(self, engine: LLMEngine):
+    """Reads only snapshots: the engine's, published under its lock each step, and the store's,
+    taken under the store's lock; never the live scheduler or index."""
+
+    def __init__(self, engine: AsyncEngine):
         self.engine = engine
 
     def collect(self):
-        e = self.engine
-        sched, pool, runner = e.scheduler, e.scheduler.pool, e.runner
-        yield _gauge("num_requests_running", "Requests holding an online slot.", len(sched.running))
-        yield _gauge("num_requests_waiting", "Requests queued for a slot.", len(sched.waiting))
-        yield _gauge("num_requests_swapped", "Requests whose state is parked in host memory.", len(sched.swapped))
+        e = self.engine.stats
+        yield _gauge("num_requests_running", "Requests holding an online slot.", e.num_running)
+        yield _gauge("num_requests_waiting", "Requests queued for a slot.", e.num_waiting)
+        yield _gauge("num_requests_swapped", "Requests whose state is parked in host memory.", e.num_swapped)
         blocks = GaugeMetricFamily(P + "checkpoint_blocks", "Checkpoint blocks by tier and state.",
                                    labels=["tier", "state"])
         nbytes = GaugeMetricFamily(P + "checkpoint_bytes", "Bytes of checkpoint blocks by tier and state.",
                                    labels=["tier", "state"])
-        block_size = runner.block_nbytes()
-        for tier in ("device", "host"):
-            t = pool[tier]
-            for state, n in (("used", t.num_used), ("cached", t.num_cached), ("free", len(t.free_ids))):
-                blocks.add_metric([tier, state], n)
-                nbytes.add_metric([tier, state], n * block_size)
+        for (tier, state), n in e.blocks.items():
+            blocks.add_metric([tier, state], n)
+            nbytes.add_metric([tier, state], n * e.block_nbytes)
         yield blocks
         yield nbytes
         yield _gauge("cached_checkpoints", "Segment checkpoints held on the device (in use or cached for reuse).",
-                     pool.device.num_used + pool.device.num_cached)
-        S = e.model.config.segment_size
-        yield _counter("prefix_cache_queries", "Prompt tokens looked up for prefix reuse.", pool.prefix_queries * S)
-        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", pool.prefix_hits * S)
+                     e.blocks["device", "used"] + e.blocks["device", "cached"])
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up for prefix reuse.", e.prefix_query_tokens)
+        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_hit_tokens)
         evictions = CounterMetricFamily(P + "evictions", "Evictions by kind.", labels=["kind"])
-        evictions.add_metric(["checkpoint_block"], pool.device.evictions)
+        evictions.add_metric(["checkpoint_block"], e.block_evictions)
         swaps = CounterMetricFamily(P + "preemptions", "Preempted requests by how.", labels=["kind"])
-        swaps.add_metric(["swap_out"], sched.num_swapped_out)
-        swaps.add_metric(["swap_in"], sched.num_swapped_in)
-        swaps.add_metric(["recompute"], sched.num_recomputed)
-        if e.sessions is not None:
-            yield from store_metrics(e.sessions, evictions)
+        swaps.add_metric(["swap_out"], e.num_swapped_out)
+        swaps.add_metric(["swap_in"], e.num_swapped_in)
+        swaps.add_metric(["recompute"], e.num_recomputed)
+        store = self.engine.engine.sessions
+        if store is not None:
+            yield from store_metrics(store.snapshot(), evictions)
         yield evictions
         yield swaps
 
 
-def store_metrics(store, evictions: CounterMetricFamily):
+def store_metrics(s: StoreStatsSnapshot, evictions: CounterMetricFamily):
     """The session store: sessions and bytes by tier, the store's physical and logical bytes
     (their ratio is what sharing blocks saves), blocks, writes, integrity errors, collection."""
-    backend = store.backend.name
-    with store.lock:
-        index, memory, stats = store.index, store.memory, store.stats
-        physical, logical = index.physical_bytes, index.logical_bytes
-        sessions = {"memory": len(memory.sessions), "store": index.num_sessions}
-        session_bytes = {"memory": memory.nbytes, "store": physical}
-        blocks, slots = index.num_blobs("block"), index.num_blobs("slot")
-    evictions.add_metric(["session_memory"], memory.evictions)
-    evictions.add_metric(["session_store"], stats.evictions["store"])
+    backend = s.backend
+    evictions.add_metric(["session_memory"], s.evictions["memory"])
+    evictions.add_metric(["session_store"], s.evictions["store"])
     by_tier = GaugeMetricFamily(P + "sessions", "Saved sessions by tier (memory: cached in this process).",
                                 labels=["tier"])
     bytes_by_tier = GaugeMetricFamily(P + "session_bytes", "Bytes of saved sessions by tier.", labels=["tier"])
     for tier in ("memory", "store"):
-        by_tier.add_metric([tier], sessions[tier])
-        bytes_by_tier.add_metric([tier], session_bytes[tier])
+        by_tier.add_metric([tier], s.sessions[tier])
+        bytes_by_tier.add_metric([tier], s.session_bytes[tier])
     yield by_tier
     yield bytes_by_tier
+    physical, logical = s.physical_bytes, s.logical_bytes
     store_bytes = GaugeMetricFamily(P + "session_store_bytes", "Bytes in the session store: physical (each "
                                     "shared block once) and logical (as if nothing were shared).",
                                     labels=["backend", "kind"])
@@ -89,29 +85,29 @@ def store_metrics(store, evictions: CounterMetricFamily):
     yield _gauge("session_store_dedup_ratio", "Logical over physical bytes of the session store.",
                  logical / physical if physical else 1.0, backend=backend)
     blobs = GaugeMetricFamily(P + "session_store_blobs", "Blobs in the session store.", labels=["backend", "kind"])
-    blobs.add_metric([backend, "block"], blocks)
-    blobs.add_metric([backend, "slot"], slots)
+    for kind in ("block", "slot"):
+        blobs.add_metric([backend, kind], s.blobs[kind])
     yield blobs
     yield _counter("session_store_written_bytes", "Bytes this server wrote to the session store.",
-                   stats.bytes_written, backend=backend)
+                   s.bytes_written, backend=backend)
     collected = CounterMetricFamily(P + "session_store_collected", "Unreferenced blobs collected.", labels=["kind"])
-    collected.add_metric(["block"], stats.blocks_collected)
-    collected.add_metric(["slot"], stats.slots_collected)
+    collected.add_metric(["block"], s.blocks_collected)
+    collected.add_metric(["slot"], s.slots_collected)
     yield collected
     integrity = CounterMetricFamily(P + "session_store_integrity_errors", "Stored blocks, slots or manifests that "
                                     "failed their checks (the session resumed from its last good checkpoint).",
                                     labels=["kind"])
     for kind in ("missing", "truncated", "checksum", "format", "mismatch"):
-        integrity.add_metric([kind], stats.integrity_errors[kind])
+        integrity.add_metric([kind], s.integrity_errors.get(kind, 0))
     yield integrity
-    yield _counter("session_write_errors", "Session turns that could not be saved.", stats.write_errors)
+    yield _counter("session_write_errors", "Session turns that could not be saved.", s.write_errors)
     hist = HistogramMetricFamily(P + "session_store_write_seconds", "Time to make one session turn durable "
                                  "(its blocks, slot and manifest).", labels=["backend"])
     cumulative, buckets = 0, []
-    for bound, n in zip((*WRITE_BUCKETS, float("inf")), stats.write_seconds):
+    for bound, n in zip((*WRITE_BUCKETS, float("inf")), s.write_seconds):
         cumulative += n
         buckets.append((floatToGoString(bound), cumulative))
-    hist.add_metric([backend], buckets, stats.write_seconds_sum)
+    hist.add_metric([backend], buckets, s.write_seconds_sum)
     yield hist
 
 
@@ -128,7 +124,7 @@ def _counter(name, doc, value, **labels):
 
 
 class Metrics:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: AsyncEngine):
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens received.", registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", registry=r)

@@ -44,11 +44,11 @@ def test_consumer_that_goes_away_aborts_its_request(model):
         async for _ in stream:
             break
         await stream.aclose()
-        usage = await engine.call(engine.engine.pool_usage)
+        stats = engine.stats  # published under the lock by the abort
         await engine.shutdown()
-        return engine, usage
-    engine, usage = asyncio.run(main())
-    assert usage["running"] == 0 and usage["device_used"] == 0
+        return engine, stats
+    engine, stats = asyncio.run(main())
+    assert stats.num_running == 0 and stats.blocks["device", "used"] == 0
     assert_pools_empty(engine.engine)
 
 

@@ -36,10 +36,10 @@ def prompts(n, seed=0, lengths=(3, 17, 9, 1, 12, 6)):
 
 
 def assert_pools_empty(engine):
-    usage = engine.pool_usage()
-    assert usage["device_used"] == 0 and usage["host_used"] == 0
-    assert usage["free_slots"] == engine.config.max_num_seqs
-    assert usage["running"] == usage["waiting"] == usage["swapped"] == 0
+    stats = engine.stats()
+    assert stats.blocks["device", "used"] == 0 and stats.blocks["host", "used"] == 0
+    assert stats.num_free_slots == engine.config.max_num_seqs
+    assert stats.num_running == stats.num_waiting == stats.num_swapped == 0
 
 
 @pytest.mark.parametrize("arch,memory,aggregation", [

@@ -71,7 +71,7 @@ def test_resume_from_memory_and_from_the_store_equals_uninterrupted(model, tmp_p
     turn3 = run(engine, p3, "chat")
     assert turn3.num_reused_tokens == len(p2) + len(turn2.output_ids) - 1
     assert turn3.output_ids == fresh_output(model, p3)
-    assert engine.pool_usage()["device_used"] == 0
+    assert engine.stats().blocks["device", "used"] == 0
 
 
 def test_a_turn_writes_only_its_new_blocks_and_sessions_share_a_prefix(model, tmp_path):
@@ -127,7 +127,7 @@ def test_abort_saves_what_was_read(model):
     engine.abort(seq.request_id)
     saved = engine.sessions.get("a")
     assert saved.tokens == seq.all_ids[:seq.num_computed_tokens] and len(saved.tokens) > len(P1)
-    assert engine.pool_usage()["device_used"] == 0
+    assert engine.stats().blocks["device", "used"] == 0
 
 
 def test_a_durable_turn_is_on_disk_when_its_output_is_final(model, tmp_path):
