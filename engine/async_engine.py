@@ -44,7 +44,7 @@ class AsyncEngine:
     # --- requests --------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
                        request_id: str | None = None, session_id: str | None = None,
-                       resume_from: str | None = None) -> AsyncIterator[RequestOutput]:
+                       resume_from: str | None = None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
         """Stream the outputs of `n` samples (each output names its `index`). Errors in the
         request (bad prompt, busy session...) are raised before the first output."""
         if not self._accepting:
@@ -54,9 +54,9 @@ class AsyncEngine:
         def add():
             if session_id is not None:
                 seqs = [self.engine.add_request(prompt_ids, params, request_id, session_id=session_id,
-                                                resume_from=resume_from)]
+                                                resume_from=resume_from, cache_salt=cache_salt)]
             else:
-                seqs = self.engine.add_group(prompt_ids, params, n, request_id)
+                seqs = self.engine.add_group(prompt_ids, params, n, request_id, cache_salt)
             for seq in seqs:
                 self._streams[seq.request_id] = (loop, queue)
             return seqs

@@ -84,12 +84,14 @@ class LLMEngine:
 
     # --- requests --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    session_id: str | None = None, resume_from: str | None = None) -> Sequence:
+                    session_id: str | None = None, resume_from: str | None = None,
+                    cache_salt: str = "") -> Sequence:
         """Queue a request. With `session_id`, the session's saved state is resumed: if its tokens
         are a prefix of the prompt only the rest is read; if the prompt diverges, reading restarts
         from the last checkpoint at or before the divergence. With `resume_from`, the state is read
         from that session and saved under `session_id` (a branch: the Responses API's
-        `previous_response_id`). Raises EngineError, SessionError."""
+        `previous_response_id`). With `cache_salt`, cached prefixes are shared only with requests
+        of the same salt (a tenant's). Raises EngineError, SessionError."""
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -100,7 +102,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.sequences:
             raise EngineError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, list(prompt_ids), params)
+        seq = Sequence(request_id, list(prompt_ids), params, cache_salt=cache_salt)
         if not self.scheduler.fits(seq):
             raise ContextTooLong(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
@@ -118,7 +120,7 @@ class LLMEngine:
         return seq
 
     def add_group(self, prompt_ids: list[int], params: SamplingParams, n: int,
-                  request_id: str | None = None) -> list[Sequence]:
+                  request_id: str | None = None, cache_salt: str = "") -> list[Sequence]:
         """`n` samples of one prompt (OpenAI's `n`). The first reads the prompt; the others start
         once it has, sharing its prompt checkpoints and reading only the unfinished last segment.
         With a seed, sample i uses seed + i."""
@@ -126,12 +128,12 @@ class LLMEngine:
             raise EngineError(f"n must be in [1, {self.config.max_num_seqs}], got {n}")
         group = request_id or f"req-{next(self._ids)}"
         if n == 1:
-            return [self.add_request(prompt_ids, params, group)]
+            return [self.add_request(prompt_ids, params, group, cache_salt=cache_salt)]
         seqs: list[Sequence] = []
         try:
             for i in range(n):
                 sample_params = params if params.seed is None else replace(params, seed=params.seed + i)
-                seq = self.add_request(prompt_ids, sample_params, f"{group}-{i}")
+                seq = self.add_request(prompt_ids, sample_params, f"{group}-{i}", cache_salt=cache_salt)
                 seq.group_id, seq.index, seq.wait_for = group, i, (seqs[0] if seqs else None)
                 seqs.append(seq)
         except EngineError:

@@ -328,7 +328,7 @@ class Scheduler:
         """The chain hashes of the first `n` segments of `seq` (cached on it: its tokens only grow)."""
         if len(seq.block_hashes) < n:
             seq.block_hashes = segment_hashes(seq.all_ids[:n * self.segment_size], self.segment_size,
-                                              seq.block_hashes)
+                                              seq.block_hashes, seq.cache_salt)
         return seq.block_hashes[:n]
 
 

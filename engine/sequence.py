@@ -22,6 +22,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     session_id: str | None = None
+    cache_salt: str = ""                  # prefixes are shared only between sequences of the same salt
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0          # tokens whose effect is in the state
     block_table: list[int] = field(default_factory=list)  # one checkpoint block per finished segment

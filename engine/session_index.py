@@ -7,7 +7,9 @@ import re
 
 from .store.index import SessionEntry, SessionLimits  # noqa: F401 - re-exported for callers
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # as a client names it
+# As the store keeps it: the server may put its tenant's name in front (server/tenants.py).
+STORE_SESSION_ID = re.compile(r"^(?:[A-Za-z0-9_-]{1,64}~)?[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class SessionError(ValueError):
@@ -18,8 +20,8 @@ class SessionError(ValueError):
         self.code = code  # invalid_id, not_found, busy, wrong_model, unavailable
 
 
-def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+def check_session_id(session_id: str, pattern: re.Pattern = STORE_SESSION_ID) -> str:
+    if not isinstance(session_id, str) or not pattern.match(session_id):
         raise SessionError("session id must be 1-128 characters of letters, digits and _ . : - "
                            "(starting with a letter or digit)", "invalid_id")
     return session_id

@@ -37,11 +37,16 @@ def chain_hash(parent: str | None, segment_tokens: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def segment_hashes(tokens: Sequence[int], segment_size: int, known: Sequence[str] = ()) -> list[str]:
+def salt_root(salt: str) -> str:
+    return hashlib.blake2b(b"mcserve-cache-salt\0" + salt.encode(), digest_size=16).hexdigest()
+
+
+def segment_hashes(tokens: Sequence[int], segment_size: int, known: Sequence[str] = (), salt: str = "") -> list[str]:
     """Chained hashes of every *complete* segment of `tokens`; `known` are the hashes of its
-    first segments, already computed (extended, not recomputed)."""
+    first segments, already computed (extended, not recomputed). A `salt` (a tenant's, vLLM's
+    `cache_salt`) starts the chain elsewhere, so that its prefixes are found only with the same salt."""
     hashes = list(known)
-    parent = hashes[-1] if hashes else None
+    parent = hashes[-1] if hashes else (salt_root(salt) if salt else None)
     for start in range(len(hashes) * segment_size, len(tokens) - segment_size + 1, segment_size):
         parent = chain_hash(parent, tokens[start:start + segment_size])
         hashes.append(parent)

@@ -20,14 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.async_engine import AsyncEngine, EngineStopped
 from engine.llm_engine import ContextTooLong, EngineError, QueueFull, RequestOutput
 from engine.params import SamplingError, SamplingParams
-from engine.session_index import SessionError, check_session_id
+from engine.session_index import SESSION_ID, SessionError, check_session_id
 
 from . import errors
+from .auth import TenantGate, tenant_of
 from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .responses import responses_router
 from .streaming import chat_chunk, completion_chunk, sse, usage_body
+from .tenants import Tenant, TenantDirectory
 
 VERSION = "0.1.0"
 SESSION_STATUS = {"busy": 409, "not_found": 404, "wrong_model": 409, "invalid_id": 400, "unavailable": 503}
@@ -50,7 +52,8 @@ class ServerState:
         return max(1, min(left, cap) if cap else left)
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> FastAPI:
+def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
+              tenants: TenantDirectory | None = None) -> FastAPI:
     state = ServerState(engine, config, Metrics(engine), model_name, int(time.time()))
     engine.on_output = state.metrics.observe
 
@@ -63,8 +66,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     app.state.mc = state
     errors.install(app)
 
-    if config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    tenants = tenants or TenantDirectory.from_config(config.api_key, config.api_keys_file)
+    app.add_middleware(TenantGate, tenants=tenants, max_concurrent=config.max_concurrent_per_tenant)
 
     @app.get("/health")
     async def health():
@@ -97,7 +100,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
                                  body.top_logprobs if body.logprobs else None, len(prompt_ids))
         session_id = session_of(body, request)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
-        stream = await start(state, prompt_ids, params, body.n, session_id, rid)
+        stream = await start(state, tenant_of(request), prompt_ids, params, body.n, session_id, rid)
         if body.stream:
             events = chat_events(state, stream, rid, body, len(prompt_ids))
             return StreamingResponse(abort_on_disconnect(state, rid, events),
@@ -123,7 +126,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
         params = sampling_params(state, body, body.max_tokens, body.logprobs, len(prompt_ids))
         session_id = session_of(body, request)
         rid = f"cmpl-{secrets.token_hex(12)}"
-        stream = await start(state, prompt_ids, params, body.n, session_id, rid)
+        stream = await start(state, tenant_of(request), prompt_ids, params, body.n, session_id, rid)
         echo = tokenizer.decode(prompt_ids) if body.echo else ""
         if body.stream:
             events = completion_events(state, stream, rid, body, len(prompt_ids), echo)
@@ -138,47 +141,31 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
                              "usage": usage_body(len(prompt_ids), outputs)}, headers=session_header(session_id))
 
     @app.get("/v1/sessions")
-    async def list_sessions():
-        store = sessions_of(state)
-        entries = await asyncio.to_thread(guarded_list, store)  # the store is thread-safe: no engine lock
-        return {"object": "list", "data": [session_card(e) for e in entries]}
+    async def list_sessions(request: Request):
+        store, tenant = sessions_of(state), tenant_of(request)
+        entries = await asyncio.to_thread(guarded, tenant, store.list)  # the store is thread-safe: no engine lock
+        return {"object": "list", "data": [session_card(e, public) for e in entries
+                                           if (public := tenant.public_id(e.session_id)) is not None]}
 
     @app.get("/v1/sessions/{session_id}")
-    async def get_session(session_id: str):
-        store = sessions_of(state)
-        entry = await asyncio.to_thread(guarded, store.info, session_id)
+    async def get_session(session_id: str, request: Request):
+        store, tenant = sessions_of(state), tenant_of(request)
+        entry = await asyncio.to_thread(guarded, tenant, store.info, store_session_id(tenant, session_id))
         if entry is None:
-            raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
-        return session_card(entry)
+            raise no_session(session_id)
+        return session_card(entry, session_id)
 
     @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(session_id: str):
+    async def delete_session(session_id: str, request: Request):
         sessions_of(state)
-        deleted = await engine.call(guarded, engine.engine.delete_session, session_id)
+        tenant = tenant_of(request)
+        deleted = await engine.call(guarded, tenant, engine.engine.delete_session, store_session_id(tenant, session_id))
         if not deleted:
-            raise errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+            raise no_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     app.include_router(responses_router(state))
     return app
-
-
-class APIKeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/*; probes and metrics stay open. Plain ASGI (not
-    BaseHTTPMiddleware, whose wrapped `receive` would report a disconnect that did not happen)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = errors.error_response(401, "invalid API key: send 'Authorization: Bearer <key>'",
-                                                 code="invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -212,13 +199,27 @@ def check_model(state: ServerState, name: str) -> None:
 
 
 def session_of(body: SamplingFields, request: Request) -> str | None:
+    """The session a request names (the field, or the X-Session-Id header), as the client knows it."""
     session_id = body.session_id or request.headers.get("x-session-id")
     if session_id is not None:
-        try:
-            check_session_id(session_id)
-        except SessionError as e:
-            raise errors.APIError(400, str(e), param="session_id", code="invalid_session_id") from None
+        check_public_session_id(session_id)
     return session_id
+
+
+def check_public_session_id(session_id: str) -> None:
+    try:
+        check_session_id(session_id, SESSION_ID)
+    except SessionError as e:
+        raise errors.APIError(400, str(e), param="session_id", code="invalid_session_id") from None
+
+
+def store_session_id(tenant: Tenant, session_id: str) -> str:
+    check_public_session_id(session_id)
+    return tenant.store_id(session_id)
+
+
+def no_session(session_id: str) -> errors.APIError:
+    return errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
 
 
 def session_header(session_id: str | None) -> dict[str, str]:
@@ -232,23 +233,23 @@ def sessions_of(state: ServerState):
     return store
 
 
-def guarded(fn, session_id):
+def session_api_error(e: SessionError, tenant: Tenant) -> errors.APIError:
+    """The one mapping of session errors to HTTP; the message names sessions as the client does."""
+    message = str(e)
+    if tenant.name:
+        message = message.replace(tenant.store_id(""), "")
+    return errors.APIError(SESSION_STATUS.get(e.code, 400), message, param="session_id", code=f"session_{e.code}")
+
+
+def guarded(tenant: Tenant, fn, *args):
     try:
-        return fn(session_id)
+        return fn(*args)
     except SessionError as e:
-        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), param="session_id",
-                              code=f"session_{e.code}") from None
+        raise session_api_error(e, tenant) from None
 
 
-def guarded_list(store):
-    try:
-        return store.list()
-    except SessionError as e:
-        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), code=f"session_{e.code}") from None
-
-
-def session_card(entry) -> dict:
-    return {"id": entry.session_id, "object": "session", "tokens": entry.num_tokens,
+def session_card(entry, public_id: str) -> dict:
+    return {"id": public_id, "object": "session", "tokens": entry.num_tokens,
             "checkpoints": entry.num_checkpoints, "bytes": entry.nbytes, "tier": entry.tier,
             "created": int(entry.created), "last_used": int(entry.last_used)}
 
@@ -267,10 +268,11 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
         raise errors.APIError(400, str(e), code="invalid_value") from None
 
 
-async def start(state: ServerState, prompt_ids: list[int], params: SamplingParams, n: int,
+async def start(state: ServerState, tenant: Tenant, prompt_ids: list[int], params: SamplingParams, n: int,
                 session_id: str | None, request_id: str, resume_from: str | None = None
                 ) -> AsyncIterator[RequestOutput]:
-    """Submit the request and wait for its first output, so that refusals are HTTP errors."""
+    """Submit the request and wait for its first output, so that refusals are HTTP errors.
+    `session_id` and `resume_from` are as the tenant names them."""
     config = state.config
     if not prompt_ids:
         raise errors.APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -283,13 +285,15 @@ async def start(state: ServerState, prompt_ids: list[int], params: SamplingParam
         raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
                               headers={"Retry-After": "1"})
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    stream = state.engine.generate(prompt_ids, params, n=n, request_id=request_id, session_id=session_id,
-                                   resume_from=resume_from)
+    stream = state.engine.generate(
+        prompt_ids, params, n=n, request_id=request_id,
+        session_id=tenant.store_id(session_id) if session_id is not None else None,
+        resume_from=tenant.store_id(resume_from) if resume_from is not None else None,
+        cache_salt=tenant.name)  # a tenant's prompts are not found in the prefix cache by another
     try:
         first = await stream.__anext__()
     except SessionError as e:
-        raise errors.APIError(SESSION_STATUS.get(e.code, 400), str(e), param="session_id",
-                              code=f"session_{e.code}") from None
+        raise session_api_error(e, tenant) from None
     except EngineStopped as e:
         raise errors.APIError(503, str(e), code="shutting_down") from None
     except QueueFull as e:

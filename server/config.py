@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 class ServerConfigError(ValueError):
@@ -20,7 +20,9 @@ class ServerConfig:
     session_dir: str = ""                # the older name of session_store (a directory)
     session_durability: str = "sync"     # sync: a turn's response ends once its session is durable; async: write-behind
     session_lease_s: float = 30.0        # a session's lease in the store, renewed while a request holds it
-    api_key: str = ""                    # "" = no authentication
+    api_key: str = field(default="", repr=False)  # one key, of the unnamed tenant; "" (and no keys file) = no authentication
+    api_keys_file: str = ""              # a file of `KEY TENANT` lines: each tenant sees only its own sessions
+    max_concurrent_per_tenant: int = 0   # requests in flight per tenant (429 beyond); 0 = no limit
     served_model_name: str = ""          # "" = the model directory's name
     max_prompt_tokens: int = 65536
     default_max_tokens: int = 0          # max_tokens when a request gives none; 0 = what is left of max_model_len (vLLM)
@@ -45,7 +47,7 @@ class ServerConfig:
             raise ServerConfigError(f"port must be in 1..65535, got {self.port}")
         for f in fields(self):
             value = getattr(self, f.name)
-            may_be_zero = f.name == "default_max_tokens"
+            may_be_zero = f.name in ("default_max_tokens", "max_concurrent_per_tenant")
             if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" \
                     and (value < 0 if may_be_zero else value <= 0):
                 raise ServerConfigError(f"{f.name} must be > 0, got {value}")

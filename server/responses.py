@@ -22,7 +22,9 @@ from engine.params import SamplingParams
 from engine.store.backend import MemoryBackend, StoreBackend
 
 from . import errors
+from .auth import tenant_of
 from .protocol import ResponsesRequest
+from .tenants import Tenant
 
 RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{24}$")
 
@@ -37,27 +39,30 @@ class ResponseStore:
         self.backend = backend
         self.records: OrderedDict[str, dict] = OrderedDict()
 
-    def get(self, response_id: str) -> dict | None:
+    def get(self, tenant: Tenant, response_id: str) -> dict | None:
+        """The tenant's stored response `response_id`; None if there is none (or it is another's)."""
         if not RESPONSE_ID.match(response_id):
             return None
-        record = self.records.get(response_id)
+        key = tenant.store_id(response_id)
+        record = self.records.get(key)
         if record is None:
-            data = self.backend.get("response", response_id)
+            data = self.backend.get("response", key)
             if data is None:
                 return None
             record = json.loads(data)
-        self._remember(response_id, record)
+        self._remember(key, record)
         return record
 
-    def put(self, response_id: str, record: dict) -> None:
+    def put(self, tenant: Tenant, response_id: str, record: dict) -> None:
         """Durable on return, like a session turn."""
-        self.backend.put("response", response_id, json.dumps(record).encode())
+        key = tenant.store_id(response_id)
+        self.backend.put("response", key, json.dumps(record).encode())
         self.backend.barrier()
-        self._remember(response_id, record)
+        self._remember(key, record)
 
-    def _remember(self, response_id: str, record: dict) -> None:
-        self.records[response_id] = record
-        self.records.move_to_end(response_id)
+    def _remember(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        self.records.move_to_end(key)
         while len(self.records) > self.CACHED:
             self.records.popitem(last=False)
 
@@ -73,9 +78,10 @@ def responses_router(state) -> APIRouter:
     @router.post("/v1/responses")
     async def create(body: ResponsesRequest, request: Request):
         check_model(state, body.model)
+        tenant = tenant_of(request)
         history: list[dict] = []
         if body.previous_response_id:
-            previous = await asyncio.to_thread(store.get, body.previous_response_id)
+            previous = await asyncio.to_thread(store.get, tenant, body.previous_response_id)
             if previous is None:
                 raise errors.APIError(404, f"no stored response {body.previous_response_id!r}",
                                       param="previous_response_id", code="previous_response_not_found")
@@ -92,14 +98,14 @@ def responses_router(state) -> APIRouter:
         rid = f"resp_{secrets.token_hex(12)}"
         saving = body.store and sessions_enabled
         resume_from = body.previous_response_id if saving and body.previous_response_id else None
-        stream = await start(state, prompt_ids, params, 1, rid if saving else None, rid, resume_from)
+        stream = await start(state, tenant, prompt_ids, params, 1, rid if saving else None, rid, resume_from)
         created = int(time.time())
 
         async def finish(text: str, result) -> dict:
             response = response_object(rid, created, state.model_name, body, text, result, len(prompt_ids))
             if body.store:
                 record = {"messages": conversation + [{"role": "assistant", "content": text}], "response": response}
-                await asyncio.to_thread(store.put, rid, record)
+                await asyncio.to_thread(store.put, tenant, rid, record)
             return response
 
         if body.stream:
@@ -109,8 +115,8 @@ def responses_router(state) -> APIRouter:
         return JSONResponse(await finish(results[0].text, results[0]))
 
     @router.get("/v1/responses/{response_id}")
-    async def retrieve(response_id: str):
-        record = await asyncio.to_thread(store.get, response_id)
+    async def retrieve(response_id: str, request: Request):
+        record = await asyncio.to_thread(store.get, tenant_of(request), response_id)
         if record is None:
             raise errors.APIError(404, f"no stored response {response_id!r}", code="response_not_found")
         return record["response"]

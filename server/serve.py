@@ -19,9 +19,11 @@ from engine.store.backend import open_backend
 
 from .app import build_app
 from .config import ServerConfig
+from .tenants import TenantDirectory
 
 
 def create_app(config: ServerConfig) -> FastAPI:
+    tenants = TenantDirectory.from_config(config.api_key, config.api_keys_file)  # a bad keys file fails first
     model_dir = Path(config.model) if config.model else models.default_model_path()
     model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides())
     engine_config = EngineConfig(
@@ -36,7 +38,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     engine = AsyncEngine(LLMEngine(model, engine_config, store))
     print(f"mcserve: max_model_len {engine.engine.max_model_len} tokens ({config.num_device_blocks} device "
           f"checkpoint blocks of {model.config.segment_size} tokens)", file=sys.stderr, flush=True)
-    return build_app(engine, config, config.served_model_name or model_dir.name)
+    return build_app(engine, config, config.served_model_name or model_dir.name, tenants)
 
 
 class DrainingServer(uvicorn.Server):

@@ -18,6 +18,12 @@ def test_allocate_and_release_return_every_block():
         tier.release(ids[0])
 
 
+def test_a_salt_starts_another_chain():
+    plain, salted = segment_hashes(list(range(6)), 3), segment_hashes(list(range(6)), 3, salt="alice")
+    assert not set(plain) & set(salted) and salted != segment_hashes(list(range(6)), 3, salt="bob")
+    assert salted == segment_hashes(list(range(6)), 3, salted[:1], salt="alice")
+
+
 def test_segment_hashes_chain_over_the_whole_prefix():
     a = segment_hashes([1, 2, 3, 4, 5, 6, 7], segment_size=3)
     b = segment_hashes([9, 2, 3, 4, 5, 6], segment_size=3)
