@@ -36,6 +36,7 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "a 64-bit signed integer"),
         ]
         for name, ok, rule in checks:
             if not ok:

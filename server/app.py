@@ -25,6 +25,7 @@ from engine.session_index import SESSION_ID, SessionError, check_session_id
 from . import errors
 from .auth import TenantGate, tenant_of
 from .config import ServerConfig
+from .limits import BodyLimit
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .responses import responses_router
@@ -67,6 +68,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     errors.install(app)
 
     tenants = tenants or TenantDirectory.from_config(config.api_key, config.api_keys_file)
+    # The last added runs first: a caller is authenticated before its body is read.
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     app.add_middleware(TenantGate, tenants=tenants, max_concurrent=config.max_concurrent_per_tenant)
 
     @app.get("/health")

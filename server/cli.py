@@ -121,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 SERVE_OPTIONS = {"model": str, "host": str, "port": int, "session_store": str, "session_dir": str,
                  "session_durability": str, "session_lease_s": float, "api_key": str, "api_keys_file": str,
                  "max_concurrent_per_tenant": int,
-                 "served_model_name": str, "max_prompt_tokens": int, "default_max_tokens": int,
+                 "served_model_name": str, "max_prompt_tokens": int, "max_request_body_bytes": int, "default_max_tokens": int,
                  "max_queued_requests": int, "max_num_seqs": int, "max_num_batched_tokens": int,
                  "num_device_blocks": int, "num_host_blocks": int, "ckpt_dtype": str,
                  "max_sessions_in_memory": int, "max_session_memory_bytes": int,

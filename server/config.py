@@ -25,6 +25,7 @@ class ServerConfig:
     max_concurrent_per_tenant: int = 0   # requests in flight per tenant (429 beyond); 0 = no limit
     served_model_name: str = ""          # "" = the model directory's name
     max_prompt_tokens: int = 65536
+    max_request_body_bytes: int = 8 << 20  # a larger request body is refused with 413, unread
     default_max_tokens: int = 0          # max_tokens when a request gives none; 0 = what is left of max_model_len (vLLM)
     max_queued_requests: int = 256
     max_num_seqs: int = 32

@@ -35,8 +35,8 @@ async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", []) if p != "body"]
+    first = most_telling(exc.errors())
+    loc = [str(p) for p in first.get("loc", []) if p != "body" and not is_union_branch(str(p))]
     if first.get("type") == "json_invalid":
         return error_response(400, f"the request body is not valid JSON: {first.get('msg', '')}",
                               code="invalid_json")
@@ -45,6 +45,17 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     if param:
         message = f"{param}: {message}"
     return error_response(400, message, param=param, code="invalid_value")
+
+
+def most_telling(errors: list[dict]) -> dict:
+    """Of a union's errors, one that says what is wrong with the value (too long, out of range)
+    rather than that it is not some other type."""
+    return next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0] if errors else {})
+
+
+def is_union_branch(part: str) -> bool:
+    """pydantic names the branch of a union in `loc` ('str', 'list[ChatMessage]'): not a field."""
+    return "[" in part or part in ("str", "int", "float", "bool", "list", "dict")
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

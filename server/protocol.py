@@ -6,11 +6,17 @@ range-checked, and a bad one becomes a 400 naming it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+# Sizes beyond the body's byte limit (server/limits.py): each refusal is a 400 naming its limit.
+MAX_MESSAGES = 4096
+MAX_STOP = 4          # as OpenAI's
+MAX_STOP_CHARS = 1024
+MAX_N = 16
 
 
 class TextPart(BaseModel):
@@ -44,7 +50,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -63,8 +69,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
+        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP} stop strings, each of 1 to {MAX_STOP_CHARS} characters")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -72,7 +78,7 @@ class SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -88,7 +94,7 @@ class CompletionRequest(SamplingFields):
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    input: str | list[ChatMessage]
+    input: str | Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None
     previous_response_id: str | None = None
     store: bool = True
