@@ -113,6 +113,11 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def draining(self) -> bool:
+        """Shutting down: in-flight requests finish, new ones are refused."""
+        return not self._accepting
+
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_s`, then abort the rest
         (a session saves what it has read) and stop the loop. Safe to call more than once."""

@@ -96,6 +96,8 @@ class StoreStats:
     slots_collected: int = 0
     evictions: Counter = field(default_factory=Counter)         # memory, store
     integrity_errors: Counter = field(default_factory=Counter)  # missing, truncated, checksum, ...
+    unavailable_errors: int = 0      # request-time store calls that failed
+    unavailable: str | None = None   # the last one's error, until a call succeeds again
     write_errors: int = 0
     failing_writes: int = 0  # write errors since the last write that landed: /health is degraded meanwhile
     recent_write_errors: deque = field(default_factory=lambda: deque(maxlen=8))  # for /health
@@ -497,7 +499,8 @@ class SessionStore:
                 bytes_written=stats.bytes_written, blocks_collected=stats.blocks_collected,
                 slots_collected=stats.slots_collected,
                 evictions={"memory": memory.evictions, "store": stats.evictions["store"]},
-                integrity_errors=dict(stats.integrity_errors), write_errors=stats.write_errors,
+                integrity_errors=dict(stats.integrity_errors), unavailable_errors=stats.unavailable_errors,
+                unavailable=stats.unavailable, write_errors=stats.write_errors,
                 failing_writes=stats.failing_writes, recent_write_errors=tuple(stats.recent_write_errors),
                 write_seconds=tuple(stats.write_seconds), write_seconds_sum=stats.write_seconds_sum)
 
@@ -705,10 +708,19 @@ class SessionStore:
         log.warning("session store integrity error: %s%s", error, where)
 
     def _backend(self, fn, *args):
+        """A store call for a request: a failure is its 503 (session "unavailable"), and /health
+        says the store is unavailable until a call succeeds again."""
         try:
-            return fn(*args)
+            result = fn(*args)
         except OSError as e:  # BackendError, and a directory that fails
-            raise SessionError(str(e), "unavailable") from None
+            with self.lock:
+                self.stats.unavailable_errors += 1
+                self.stats.unavailable = f"{type(e).__name__}: {e}"
+            raise SessionError(f"the session store is unavailable: {e}", "unavailable") from None
+        if self.stats.unavailable is not None:
+            with self.lock:
+                self.stats.unavailable = None
+        return result
 
     def close(self) -> None:
         self.flush()

@@ -44,6 +44,8 @@ class StoreStatsSnapshot:
     slots_collected: int = 0
     evictions: dict[str, int] = field(default_factory=dict)       # memory, store -> sessions evicted
     integrity_errors: dict[str, int] = field(default_factory=dict)
+    unavailable_errors: int = 0
+    unavailable: str | None = None   # the store's last error, while its calls fail
     write_errors: int = 0
     failing_writes: int = 0          # write errors since the last write that succeeded
     recent_write_errors: tuple[str, ...] = ()

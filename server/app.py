@@ -173,20 +173,27 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
 
 # --- helpers -------------------------------------------------------------------------------
 def health_body(engine: AsyncEngine):
-    """503 when the engine failed; "degraded" (200: generation still works) while session writes
-    fail; the store's damage counts either way. Reads snapshots only."""
+    """503 when the engine failed or is draining (a readiness probe takes the replica out);
+    "degraded" (200: generation still works) while session writes fail; the store's damage
+    counts either way. Reads snapshots only."""
     if engine.step_error is not None:
         return errors.error_response(503, f"engine failed: {engine.step_error}", code="engine_failed")
+    if engine.draining:
+        return errors.error_response(503, "the server is shutting down: in-flight requests are finishing",
+                                     code="shutting_down")
     store = engine.engine.sessions
     if store is None:
         return {"status": "ok"}
     snap = store.snapshot()
     body = {"status": "ok", "session_store": {
         "backend": snap.backend, "write_errors": snap.write_errors, "failing_writes": snap.failing_writes,
-        "integrity_errors": sum(snap.integrity_errors.values())}}
+        "unavailable_errors": snap.unavailable_errors, "integrity_errors": dict(snap.integrity_errors)}}
     if snap.failing_writes:  # the last writes did not land: new turns are not being saved
         body["status"] = "degraded"
         body["session_store"]["recent_write_errors"] = list(snap.recent_write_errors)[-3:]
+    if snap.unavailable is not None:  # session requests get 503 until the store answers again
+        body["status"] = "degraded"
+        body["session_store"]["unavailable"] = snap.unavailable
     return body
 
 
@@ -241,7 +248,9 @@ def session_api_error(e: SessionError, tenant: Tenant) -> errors.APIError:
     message = str(e)
     if tenant.name:
         message = message.replace(tenant.store_id(""), "")
-    return errors.APIError(SESSION_STATUS.get(e.code, 400), message, param="session_id", code=f"session_{e.code}")
+    retry = {"Retry-After": "5"} if e.code == "unavailable" else None  # the store may be back soon
+    return errors.APIError(SESSION_STATUS.get(e.code, 400), message, param="session_id", code=f"session_{e.code}",
+                           headers=retry)
 
 
 def guarded(tenant: Tenant, fn, *args):

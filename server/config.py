@@ -26,6 +26,8 @@ class ServerConfig:
     served_model_name: str = ""          # "" = the model directory's name
     max_prompt_tokens: int = 65536
     max_request_body_bytes: int = 8 << 20  # a larger request body is refused with 413, unread
+    request_timeout_s: float = 30.0      # a request (headers and body) must arrive whole in this time, or its connection is closed
+    max_connections: int = 1000          # open HTTP connections; one more is closed at once
     default_max_tokens: int = 0          # max_tokens when a request gives none; 0 = what is left of max_model_len (vLLM)
     max_queued_requests: int = 256
     max_num_seqs: int = 32

@@ -19,6 +19,7 @@ from engine.store.backend import open_backend
 
 from .app import build_app
 from .config import ServerConfig
+from .http_protocol import bounded_h11
 from .tenants import TenantDirectory
 
 
@@ -63,8 +64,12 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(app: FastAPI, config: ServerConfig, log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                          http=bounded_h11(config.request_timeout_s, config.max_connections),
+                          timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10)
+
+
 def run_server(config: ServerConfig) -> None:
     app = create_app(config)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                               timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10)
-    DrainingServer(uv_config, app, config.shutdown_grace_s).run()
+    DrainingServer(uvicorn_config(app, config), app, config.shutdown_grace_s).run()

@@ -15,7 +15,7 @@ import uvicorn
 
 import models
 from server.config import ServerConfig
-from server.serve import create_app
+from server.serve import create_app, uvicorn_config
 from tests.helpers import tiny_model
 
 MODEL_NAME = "tiny-mc"
@@ -55,7 +55,7 @@ def running_server(model_dir, session_dir=None, **options):
     config = ServerConfig(model=str(model_dir), port=free_port(), session_dir=str(session_dir or ""),
                           shutdown_grace_s=2.0, **options)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
