@@ -1,38 +1,37 @@
-"""Engine configuration: one validated dataclass (pool sizes, batching limits, sessions)."""
+"""Engine configuration: one validated dataclass (pool sizes, batching limits, kernels)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .options import ConfigError, check_options, option
 
-class EngineConfigError(ValueError):
+
+class EngineConfigError(ConfigError):
     pass
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_num_seqs: int = 64              # online slots: sequences running at once
-    max_num_batched_tokens: int = 2048  # token budget of one step (decode tokens + prefill chunks)
-    num_device_blocks: int = 4096       # checkpoint blocks in the device pool
-    num_host_blocks: int = 4096         # checkpoint blocks in host memory (swap)
-    ckpt_dtype: str = "fp32"            # storage of checkpoints: fp32 or bf16 (read in fp32)
-    max_prefill_chunk: int = 1024       # longest prefill chunk; cut on segment boundaries
-    enable_prefix_reuse: bool = True
-    max_waiting: int = 1024             # queued requests before add_request refuses (429 upstream)
-    kernels: str = "auto"               # decode on Triton kernels: auto (on CUDA), triton, torch
-    cuda_graphs: bool = False           # replay the Triton decode step from CUDA graphs (CUDA only)
+    max_num_seqs: int = option(32, "sequences running at once (online state slots)", unit="sequences")
+    max_num_batched_tokens: int = option(2048, "token budget of one step: decode tokens plus prefill chunks",
+                                         unit="tokens")
+    num_device_blocks: int = option(2048, "segment checkpoints the device pool holds; sets max_model_len",
+                                    unit="blocks")
+    num_host_blocks: int = option(2048, "checkpoint blocks in host memory, where preempted requests are "
+                                  "swapped (0: preemption recomputes)", unit="blocks")
+    ckpt_dtype: str = option("fp32", "how checkpoints are stored (read in fp32)", choices=("fp32", "bf16"))
+    max_prefill_chunk: int = option(1024, "longest prefill chunk of one sequence in one step (cut on "
+                                    "segment boundaries)", unit="tokens")
+    enable_prefix_reuse: bool = option(True, "share the checkpoints of a common prompt prefix between requests")
+    max_waiting: int = option(256, "requests queued or running before new ones get 429", unit="requests",
+                              name="max_queued_requests")
+    kernels: str = option("auto", "decode and prefill on Triton kernels: auto = on CUDA",
+                          choices=("auto", "triton", "torch"))
+    cuda_graphs: bool = option(False, "replay the decode step from CUDA graphs (Triton kernels on CUDA)")
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "num_device_blocks", "max_prefill_chunk",
-                     "max_waiting"):
-            if getattr(self, name) < 1:
-                raise EngineConfigError(f"engine option '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.num_host_blocks < 0:
-            raise EngineConfigError(f"engine option 'num_host_blocks' must be >= 0, got {self.num_host_blocks}")
-        if self.ckpt_dtype not in ("fp32", "bf16"):
-            raise EngineConfigError(f"engine option 'ckpt_dtype' must be one of ['fp32', 'bf16'], got {self.ckpt_dtype!r}")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise EngineConfigError(f"engine option 'kernels' must be one of ['auto', 'triton', 'torch'], got {self.kernels!r}")
+        check_options(self, EngineConfigError, may_be_zero=("num_host_blocks",))
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise EngineConfigError("engine option 'max_num_batched_tokens' must be >= 'max_num_seqs' "
+            raise EngineConfigError("max_num_batched_tokens must be >= max_num_seqs "
                                     "(every running sequence decodes one token per step)")

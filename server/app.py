@@ -26,6 +26,7 @@ from . import errors
 from .auth import TenantGate, tenant_of
 from .config import ServerConfig
 from .limits import BodyLimit
+from .logs import RequestIdMiddleware
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .responses import responses_router
@@ -71,6 +72,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     # The last added runs first: a caller is authenticated before its body is read.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     app.add_middleware(TenantGate, tenants=tenants, max_concurrent=config.max_concurrent_per_tenant)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request, refusals too, has its id
 
     @app.get("/health")
     async def health():
@@ -293,7 +295,7 @@ async def start(state: ServerState, tenant: Tenant, prompt_ids: list[int], param
                                    f"of {config.max_prompt_tokens}", param="messages", code="prompt_too_long")
     if session_id is not None and n > 1:
         raise errors.APIError(400, "n > 1 cannot be combined with a session", param="n")
-    if state.engine.num_in_flight() >= config.max_queued_requests:
+    if state.engine.num_in_flight() >= config.engine.max_waiting:
         raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
                               headers={"Retry-After": "1"})
     state.metrics.prompt_tokens.inc(len(prompt_ids))

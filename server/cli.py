@@ -105,29 +105,60 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import models
-    from engine.config import EngineConfigError
-    from server.config import ServerConfig, ServerConfigError
+    from engine.options import ConfigError
+    from server.config import OPTIONS, ServerConfig
     from server.serve import run_server
-    overrides = {k: getattr(args, k) for k in SERVE_OPTIONS}
+    given = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name, None) is not None}
     if args.set:
-        overrides["model_set"] = ",".join(args.set)
+        given["model_set"] = ",".join(args.set)
     try:
-        config = ServerConfig.from_env(overrides)
+        given = {name: parse_cli(name, text) for name, text in given.items()}
+        config = ServerConfig.load(given, file=args.config)
         run_server(config)
-    except (ServerConfigError, EngineConfigError, models.ModelLoadError, OSError) as e:
+    except (ConfigError, models.ModelLoadError, OSError) as e:
         raise CLIError(str(e)) from None
 
 
-SERVE_OPTIONS = {"model": str, "host": str, "port": int, "session_store": str, "session_dir": str,
-                 "session_durability": str, "session_lease_s": float, "api_key": str, "api_keys_file": str,
-                 "max_concurrent_per_tenant": int,
-                 "served_model_name": str, "max_prompt_tokens": int, "max_request_body_bytes": int,
-                 "request_timeout_s": float, "max_connections": int, "default_max_tokens": int,
-                 "max_queued_requests": int, "max_num_seqs": int, "max_num_batched_tokens": int,
-                 "num_device_blocks": int, "num_host_blocks": int, "ckpt_dtype": str,
-                 "max_sessions_in_memory": int, "max_session_memory_bytes": int,
-                 "max_sessions_on_disk": int, "max_session_disk_bytes": int, "shutdown_grace_s": float,
-                 "device": str, "kernels": str, "cuda_graphs": str}
+def parse_cli(name: str, text: str):
+    from server.config import OPTIONS, parse
+    opt = next(o for o in OPTIONS if o.name == name)
+    return parse(opt, text, where="--" + name.replace("_", "-"))
+
+
+def option_help(opt) -> str:
+    """One option's line in --help: what it does, its unit, choices, default and variable."""
+    default = "on" if opt.default is True else "off" if opt.default is False else repr(opt.default)
+    if opt.secret:
+        default = "none"
+    facts = [f"unit: {opt.unit}"] if opt.unit else []
+    if opt.choices:
+        facts.append("one of " + ", ".join(map(str, opt.choices)))
+    elif opt.kind is bool:
+        facts.append("on or off")
+    facts += [f"default: {default}", opt.env]
+    return f"{opt.help} ({'; '.join(facts)})"
+
+
+SERVE_EPILOG = ("Every option can also be set by its MCSERVE_* variable or in a YAML file (--config FILE.yaml, "
+                "or MCSERVE_CONFIG; keys are the option names, e.g. 'num_device_blocks: 4096'). Precedence: "
+                "command line > environment > file > defaults. The effective configuration is logged at start, "
+                "secrets masked.")
+
+
+def add_serve_options(serve: argparse.ArgumentParser) -> None:
+    from server.config import OPTIONS
+    groups = {"": serve.add_argument_group("server"), "engine": serve.add_argument_group("engine"),
+              "limits": serve.add_argument_group("session store limits")}
+    for opt in OPTIONS:
+        if opt.name == "model_set":
+            continue  # given as --set KEY=VALUE, below
+        metavar = "|".join(opt.choices) if opt.choices else ("on|off" if opt.kind is bool else opt.kind.__name__.upper())
+        groups[opt.path[0] if len(opt.path) > 1 else ""].add_argument(
+            "--" + opt.name.replace("_", "-"), dest=opt.name, metavar=metavar, help=option_help(opt))
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model config key set on load, repeatable (MCSERVE_MODEL_SET: KEY=VALUE,...), e.g. "
+                            "--set aggregation=residual --set segment_size=128 on an imported checkpoint")
+    serve.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (MCSERVE_CONFIG)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,12 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server (default: the bundled model "
-                                         "on 127.0.0.1:8000); every option also reads MCSERVE_<OPTION>")
-    for name, kind in SERVE_OPTIONS.items():
-        serve.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
-    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="a model config key set on load (MCSERVE_MODEL_SET: KEY=VALUE,...), e.g. "
-                            "--set aggregation=residual --set segment_size=128 on an imported checkpoint")
+                                         "on 127.0.0.1:8000)", epilog=SERVE_EPILOG)
+    add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="show a model's config, size and fingerprint")

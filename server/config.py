@@ -1,65 +1,68 @@
-"""Server configuration: one validated dataclass, filled from options or MCSERVE_* variables."""
+"""Server configuration: one validated dataclass tree (the server's own options, the engine's
+EngineConfig, the store's SessionLimits), set from the command line, MCSERVE_* variables and a
+YAML file, in that order of precedence, over the defaults. Every option explains itself
+(engine/options.py): `mcserve serve --help` is generated from here.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.options import ConfigError, Option, build, check_options, flat_values, option, options
+from engine.session_index import SessionLimits
+from engine.store.backend import mask_password
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(ConfigError):
     pass
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str = ""                      # model directory; "" = the bundled model
-    host: str = "127.0.0.1"
-    port: int = 8000
-    session_store: str = ""              # a directory, file://DIR or redis://HOST:PORT/DB; "" = memory only
-    session_dir: str = ""                # the older name of session_store (a directory)
-    session_durability: str = "sync"     # sync: a turn's response ends once its session is durable; async: write-behind
-    session_lease_s: float = 30.0        # a session's lease in the store, renewed while a request holds it
-    api_key: str = field(default="", repr=False)  # one key, of the unnamed tenant; "" (and no keys file) = no authentication
-    api_keys_file: str = ""              # a file of `KEY TENANT` lines: each tenant sees only its own sessions
-    max_concurrent_per_tenant: int = 0   # requests in flight per tenant (429 beyond); 0 = no limit
-    served_model_name: str = ""          # "" = the model directory's name
-    max_prompt_tokens: int = 65536
-    max_request_body_bytes: int = 8 << 20  # a larger request body is refused with 413, unread
-    request_timeout_s: float = 30.0      # a request (headers and body) must arrive whole in this time, or its connection is closed
-    max_connections: int = 1000          # open HTTP connections; one more is closed at once
-    default_max_tokens: int = 0          # max_tokens when a request gives none; 0 = what is left of max_model_len (vLLM)
-    max_queued_requests: int = 256
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    num_device_blocks: int = 2048
-    num_host_blocks: int = 2048
-    ckpt_dtype: str = "fp32"
-    max_sessions_in_memory: int = 256
-    max_session_memory_bytes: int = 2 << 30
-    max_sessions_on_disk: int = 100_000  # sessions in the session store (all replicas), LRU evicted
-    max_session_disk_bytes: int = 64 << 30  # physical bytes in the session store (shared blocks once)
-    shutdown_grace_s: float = 30.0
-    device: str = "auto"                 # auto (cuda if visible, else cpu), cpu, cuda, cuda:N
-    kernels: str = "auto"                # decode/prefill on Triton kernels: auto (on CUDA), triton, torch
-    cuda_graphs: str = "off"             # on: replay the decode step from CUDA graphs (Triton path on CUDA)
-    model_set: str = ""                  # model config keys set on load: KEY=VALUE,KEY=VALUE (aggregation=residual)
+    model: str = option("", "model directory: an mcserve model, or a transformers / flash-linear-attention "
+                        "checkpoint; '' = the bundled model")
+    model_set: str = option("", "model config keys set on load, KEY=VALUE,KEY=VALUE (--set KEY=VALUE, repeatable)")
+    served_model_name: str = option("", "the model's name in the API; '' = the model directory's name")
+    device: str = option("auto", "where the model runs: auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    log_format: str = option("text", "log lines as text, or as JSON objects (with the request id) for log "
+                             "collectors", choices=("text", "json"))
+    api_key: str = option("", "a key of the unnamed tenant ('Authorization: Bearer KEY'); no key and no keys "
+                          "file = no authentication", secret=True)
+    api_keys_file: str = option("", "a file of 'KEY TENANT' lines: each tenant sees only its own sessions")
+    max_concurrent_per_tenant: int = option(0, "requests in flight per tenant before 429; 0 = no limit",
+                                            unit="requests")
+    max_prompt_tokens: int = option(65536, "longest prompt", unit="tokens")
+    default_max_tokens: int = option(0, "max_tokens of a request that gives none; 0 = what is left of "
+                                     "max_model_len", unit="tokens")
+    max_request_body_bytes: int = option(8 << 20, "a larger request body gets 413, unread", unit="bytes")
+    request_timeout_s: float = option(30.0, "a request (headers and body) must arrive whole in this time, "
+                                      "or its connection is closed", unit="s")
+    max_connections: int = option(1000, "open HTTP connections; one more is closed at once", unit="connections")
+    shutdown_grace_s: float = option(30.0, "on SIGTERM, in-flight requests get this long to finish, then "
+                                     "end with their sessions saved", unit="s")
+    session_store: str = option("", "where sessions are kept: a directory, file://DIR or "
+                                "redis://HOST:PORT/DB; '' = this process's memory (lost on restart)")
+    session_dir: str = option("", "the older name of --session-store (a directory)")
+    session_durability: str = option("sync", "sync: a turn's response ends once its session is durable; "
+                                     "async: written behind", choices=("sync", "async"))
+    session_lease_s: float = option(30.0, "a session's lease in the store, renewed while a request holds it",
+                                    unit="s")
+    engine: EngineConfig = option(default_factory=EngineConfig)
+    limits: SessionLimits = option(default_factory=SessionLimits)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ServerConfigError(f"port must be in 1..65535, got {self.port}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            may_be_zero = f.name in ("default_max_tokens", "max_concurrent_per_tenant")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" \
-                    and (value < 0 if may_be_zero else value <= 0):
-                raise ServerConfigError(f"{f.name} must be > 0, got {value}")
+        check_options(self, ServerConfigError, may_be_zero=("default_max_tokens", "max_concurrent_per_tenant"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ServerConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.cuda_graphs not in ("on", "off"):
-            raise ServerConfigError(f"cuda_graphs must be on or off, got {self.cuda_graphs!r}")
-        if self.session_durability not in ("sync", "async"):
-            raise ServerConfigError(f"session_durability must be sync or async, got {self.session_durability!r}")
         self.model_overrides()  # a bad KEY=VALUE fails here, with the rest of the config
         if self.session_store and self.session_dir and self.session_store != self.session_dir:
             raise ServerConfigError(f"session_store ({self.session_store!r}) and its alias session_dir "
@@ -67,10 +70,10 @@ class ServerConfig:
 
     def model_overrides(self) -> dict:
         """`model_set` as a dict of model config keys."""
-        from models.config import ConfigError, parse_setting
+        from models.config import ConfigError as ModelConfigError, parse_setting
         try:
             return dict(parse_setting(item) for item in self.model_set.split(",") if item.strip())
-        except ConfigError as e:
+        except ModelConfigError as e:
             raise ServerConfigError(f"model_set: {e}") from None
 
     @property
@@ -88,17 +91,77 @@ class ServerConfig:
             raise ServerConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible")
         return self.device
 
+    # --- building ----------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, overrides: dict, environ=os.environ) -> "ServerConfig":
-        """Options given on the command line win over MCSERVE_<NAME> variables, which win over defaults."""
-        values = {}
-        for f in fields(cls):
-            raw = environ.get(f"MCSERVE_{f.name.upper()}")
+    def from_options(cls, values: dict[str, Any]) -> "ServerConfig":
+        """From flat option values (`num_device_blocks=...`); the rest keep their defaults."""
+        known = {o.name for o in OPTIONS}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ServerConfigError(f"unknown option {unknown[0]!r}")
+        try:
+            return build(cls, values)
+        except ConfigError as e:
+            raise ServerConfigError(str(e)) from None
+
+    @classmethod
+    def load(cls, cli: dict[str, Any], environ=os.environ, file: str | None = None) -> "ServerConfig":
+        """Command line > MCSERVE_* environment > the YAML `file` (or MCSERVE_CONFIG) > defaults."""
+        values: dict[str, Any] = {}
+        file = file or environ.get("MCSERVE_CONFIG")
+        if file:
+            values.update(read_config_file(Path(file)))
+        for opt in OPTIONS:
+            raw = environ.get(opt.env)
             if raw is not None:
-                kind = type(f.default)
-                try:
-                    values[f.name] = kind(raw)
-                except ValueError:
-                    raise ServerConfigError(f"MCSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+                values[opt.name] = parse(opt, raw, where=opt.env)
+        values.update({k: v for k, v in cli.items() if v is not None})
+        return cls.from_options(values)
+
+    def describe(self) -> dict[str, Any]:
+        """Every option's effective value, secrets and passwords masked (the start-up log line)."""
+        values = flat_values(self)
+        for name in ("session_store", "session_dir"):
+            values[name] = mask_password(values[name])
+        return values
+
+
+OPTIONS: list[Option] = options(ServerConfig)
+
+
+def parse(opt: Option, raw: Any, where: str) -> Any:
+    """A value from the command line, the environment or the file, checked against its type."""
+    if not isinstance(raw, str):
+        fits = isinstance(raw, opt.kind) and not (opt.kind is not bool and isinstance(raw, bool))
+        if opt.kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        if not fits:
+            raise ServerConfigError(f"{where}: {opt.name} must be a {opt.kind.__name__}, got {raw!r}")
+        return raw
+    try:
+        return opt.parse(raw)
+    except ValueError as e:
+        raise ServerConfigError(f"{where}: {e}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML mapping of option names (as on the command line, with - or _) to values."""
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ServerConfigError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ServerConfigError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"--config {path} must be a mapping of option names to values")
+    by_name = {o.name: o for o in OPTIONS}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            raise ServerConfigError(f"--config {path}: unknown option {key!r}")
+        values[name] = parse(by_name[name], value, where=f"--config {path}")
+    return values
+
+

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import sys
+import json
+import logging
 from pathlib import Path
 
 import uvicorn
@@ -11,34 +12,29 @@ from fastapi import FastAPI
 
 import models
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.session_index import SessionLimits
 from engine.sessions import SessionStore
 from engine.store.backend import open_backend
 
 from .app import build_app
 from .config import ServerConfig
 from .http_protocol import bounded_h11
+from .logs import configure_logging
 from .tenants import TenantDirectory
+
+log = logging.getLogger("mcserve")
 
 
 def create_app(config: ServerConfig) -> FastAPI:
     tenants = TenantDirectory.from_config(config.api_key, config.api_keys_file)  # a bad keys file fails first
     model_dir = Path(config.model) if config.model else models.default_model_path()
     model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides())
-    engine_config = EngineConfig(
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        num_device_blocks=config.num_device_blocks, num_host_blocks=config.num_host_blocks,
-        ckpt_dtype=config.ckpt_dtype, max_waiting=config.max_queued_requests, kernels=config.kernels,
-        cuda_graphs=config.cuda_graphs == "on")
-    limits = SessionLimits(config.max_sessions_in_memory, config.max_session_memory_bytes,
-                           config.max_sessions_on_disk, config.max_session_disk_bytes)
-    store = SessionStore(model.fingerprint, open_backend(config.store), limits, ckpt_dtype=config.ckpt_dtype,
-                         durability=config.session_durability, lease_s=config.session_lease_s)
-    engine = AsyncEngine(LLMEngine(model, engine_config, store))
-    print(f"mcserve: max_model_len {engine.engine.max_model_len} tokens ({config.num_device_blocks} device "
-          f"checkpoint blocks of {model.config.segment_size} tokens)", file=sys.stderr, flush=True)
+    store = SessionStore(model.fingerprint, open_backend(config.store), config.limits,
+                         ckpt_dtype=config.engine.ckpt_dtype, durability=config.session_durability,
+                         lease_s=config.session_lease_s)
+    engine = AsyncEngine(LLMEngine(model, config.engine, store))
+    log.info("max_model_len %d tokens (%d device checkpoint blocks of %d tokens)", engine.engine.max_model_len,
+             config.engine.num_device_blocks, model.config.segment_size)
     return build_app(engine, config, config.served_model_name or model_dir.name, tenants)
 
 
@@ -65,11 +61,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: FastAPI, config: ServerConfig, log_level: str = "info") -> uvicorn.Config:
-    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, log_config=None,
                           http=bounded_h11(config.request_timeout_s, config.max_connections),
                           timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10)
 
 
 def run_server(config: ServerConfig) -> None:
+    configure_logging(config.log_format)
+    log.info("config %s", json.dumps(config.describe()))
     app = create_app(config)
     DrainingServer(uvicorn_config(app, config), app, config.shutdown_grace_s).run()

@@ -52,8 +52,8 @@ def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, what: str
 @contextmanager
 def running_server(model_dir, session_dir=None, **options):
     options = {"default_max_tokens": 16, **options}
-    config = ServerConfig(model=str(model_dir), port=free_port(), session_dir=str(session_dir or ""),
-                          shutdown_grace_s=2.0, **options)
+    config = ServerConfig.from_options({"model": str(model_dir), "port": free_port(),
+                                        "session_dir": str(session_dir or ""), "shutdown_grace_s": 2.0, **options})
     app = create_app(config)
     server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -21,7 +21,9 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from server.cli import SERVE_OPTIONS  # noqa: E402
+from server.config import OPTIONS  # noqa: E402
+
+SERVE_OPTIONS = {o.name for o in OPTIONS}
 from server.config import ServerConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -51,12 +51,12 @@ def test_device_kernel_and_graph_options_are_validated():
 
     from server.config import ServerConfig, ServerConfigError
 
-    config = ServerConfig.from_env({}, {"MCSERVE_DEVICE": "cpu", "MCSERVE_KERNELS": "torch", "MCSERVE_CUDA_GRAPHS": "on"})
-    assert (config.torch_device(), config.kernels, config.cuda_graphs) == ("cpu", "torch", "on")
+    config = ServerConfig.load({}, {"MCSERVE_DEVICE": "cpu", "MCSERVE_KERNELS": "torch", "MCSERVE_CUDA_GRAPHS": "on"})
+    assert (config.torch_device(), config.engine.kernels, config.engine.cuda_graphs) == ("cpu", "torch", True)
     assert ServerConfig().torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")
-    for bad in ({"device": "gpu"}, {"cuda_graphs": "yes"}):
+    for bad in ({"device": "gpu"}, {"cuda_graphs": "maybe"}, {"kernels": "cuda"}):
         with pytest.raises(ServerConfigError, match=next(iter(bad))):
-            ServerConfig(**bad)
+            ServerConfig.load({}, {f"MCSERVE_{k.upper()}": v for k, v in bad.items()})
     if not torch.cuda.is_available():
         with pytest.raises(ServerConfigError, match="no CUDA GPU"):
             ServerConfig(device="cuda:0").torch_device()

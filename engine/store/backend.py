@@ -22,6 +22,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 KINDS = ("block", "slot", "manifest", "response")
 
@@ -174,6 +175,14 @@ class MemoryBackend(StoreBackend):
         return self.lease_owner(name) == owner
 
 
+def mask_password(url: str) -> str:
+    """A store url as it may be shown (logs, errors, /health): without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 def open_backend(spec: str) -> StoreBackend:
     """A backend from `--session-store`: "" (memory), a directory or file://DIR, or
     redis://HOST:PORT/DB. Raises BackendError if it cannot be opened."""
@@ -183,6 +192,6 @@ def open_backend(spec: str) -> StoreBackend:
         from .redis_backend import RedisBackend
         return RedisBackend(spec)
     if "://" in spec and not spec.startswith("file://"):
-        raise BackendError(f"session store {spec!r}: use a directory, file://DIR or redis://HOST:PORT/DB")
+        raise BackendError(f"session store {mask_password(spec)!r}: use a directory, file://DIR or redis://HOST:PORT/DB")
     from .file_backend import FileBackend
     return FileBackend(spec.removeprefix("file://"))

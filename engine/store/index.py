@@ -12,15 +12,23 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..options import check_options, option
+
 Ref = tuple[str, str]   # (kind, key) of a blob
 
 
 @dataclass(frozen=True)
 class SessionLimits:
-    max_memory_sessions: int = 256        # sessions whose state is cached in this process
-    max_memory_bytes: int = 2 << 30       # bytes of that cache
-    max_store_sessions: int = 100_000     # sessions in the store, all replicas together
-    max_store_bytes: int = 64 << 30       # physical bytes in the store (shared blocks once)
+    max_memory_sessions: int = option(256, "sessions whose state is cached in this process", unit="sessions",
+                                      name="max_sessions_in_memory")
+    max_memory_bytes: int = option(2 << 30, "bytes of that cache", unit="bytes", name="max_session_memory_bytes")
+    max_store_sessions: int = option(100_000, "sessions in the session store, all replicas together (least "
+                                     "recently used evicted)", unit="sessions", name="max_sessions_on_disk")
+    max_store_bytes: int = option(64 << 30, "physical bytes in the session store (a shared block once)",
+                                  unit="bytes", name="max_session_disk_bytes")
+
+    def __post_init__(self) -> None:  # 0 is a limit too: nothing is kept there
+        check_options(self, may_be_zero=tuple(f for f in self.__dataclass_fields__))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import redis
 
-from .backend import BackendError, Stat, StoreBackend
+from .backend import BackendError, Stat, StoreBackend, mask_password
 
 # KEYS = value, size hash, touched hash; ARGV[1] = the key within the hashes.
 NOW_MS = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -63,12 +63,12 @@ class RedisBackend(StoreBackend):
     shared = True
 
     def __init__(self, url: str, prefix: str = "mcserve", timeout_s: float = 10.0):
-        self.url, self.prefix = url, prefix
+        self.url, self.prefix = mask_password(url), prefix  # the url is shown in errors: never its password
         try:
             self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
             self.client.ping()
         except (redis.RedisError, ValueError) as e:
-            raise BackendError(f"session store {url}: {e}") from None
+            raise BackendError(f"session store {self.url}: {e}") from None
         script = self.client.register_script
         self._put, self._put_new, self._touch, self._delete = script(PUT), script(PUT_NEW), script(TOUCH), script(DELETE)
         self._delete_if_idle, self._fenced_put = script(DELETE_IF_IDLE), script(FENCED_PUT)
