@@ -18,6 +18,7 @@ from models import MCModel
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarError, Grammars, Matcher, allowed_tokens
 from .model_runner import ModelRunner
 from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
@@ -38,6 +39,10 @@ class QueueFull(EngineError):
 
 class ContextTooLong(EngineError):
     """The prompt plus max_tokens exceed `max_model_len`."""
+
+
+class ConstraintError(EngineError):
+    """A structured-output constraint that cannot be compiled, or a bad logit_bias."""
 
 
 @dataclass
@@ -79,6 +84,8 @@ class LLMEngine:
         self._swapped_slots: dict[str, dict[str, torch.Tensor]] = {}
         self._resume: dict[str, tuple] = {}  # request -> (saved SessionState, exact)
         self._active_sessions: dict[str, str] = {}  # session -> the request using it
+        self._matchers: dict[str, Matcher] = {}  # request -> where its output is in its grammar
+        self._grammars: Grammars | None = None   # built at the first constrained request
         self._ids = itertools.count()
         self._num_steps = 0
 
@@ -108,16 +115,36 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
                 f"{len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt, {params.max_tokens} "
                 "in the completion): shorten the prompt or max_tokens")
+        matcher = self._check_steering(params)
         generator = make_generator(params, self.runner.device)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         if session_id is not None:  # last: nothing after it can fail and leave the session held
             self._attach_session(seq, session_id, resume_from or session_id)
         self.sequences[request_id] = seq
         self._generators[request_id] = generator
+        if matcher is not None:
+            self._matchers[request_id] = matcher
         if detokenizer is not None:
             self._detokenizers[request_id] = detokenizer
         self.scheduler.add(seq)
         return seq
+
+    def _check_steering(self, params: SamplingParams) -> Matcher | None:
+        """Check logit_bias against the vocabulary, and compile the constraint; its matcher."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ConstraintError(f"logit_bias token ids must be in [0, {vocab}), got {bad[0]}")
+        if params.constraint is None:
+            return None
+        if self.tokenizer is None:
+            raise ConstraintError("structured outputs need the model's tokenizer")
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, vocab)
+        try:
+            return self._grammars.matcher(self._grammars.compile(params.constraint))
+        except GrammarError as e:
+            raise ConstraintError(str(e)) from None
 
     def add_group(self, prompt_ids: list[int], params: SamplingParams, n: int,
                   request_id: str | None = None, cache_salt: str = "") -> list[Sequence]:
@@ -237,7 +264,17 @@ class LLMEngine:
         self._move_states(plan)
         sampled = self._execute(plan)
         self.scheduler.update_after_step(plan)
-        return [self._emit(seq, logits) for seq, logits in sampled]
+        masks = self._grammar_masks([seq for seq, _ in sampled])
+        return [self._emit(seq, logits, masks.get(seq.request_id)) for seq, logits in sampled]
+
+    def _grammar_masks(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        """The tokens each constrained sequence may sample now, filled for the batch at once."""
+        constrained = [s.request_id for s in seqs if s.request_id in self._matchers]
+        if not constrained:
+            return {}
+        allowed = allowed_tokens([self._matchers[r] for r in constrained], self.model.config.vocab_size,
+                                 self.runner.device)
+        return dict(zip(constrained, allowed))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion; the generated ids of each, in order."""
@@ -287,16 +324,19 @@ class LLMEngine:
                         if d.position == d.seq.num_tokens - 1]
         return sampled
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+    def _emit(self, seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> RequestOutput:
         params = seq.params
-        choice = sample(logits, params, self._generators[seq.request_id], seq.prompt_ids, seq.output_ids)
+        choice = sample(logits, params, self._generators[seq.request_id], seq.prompt_ids, seq.output_ids, allowed)
+        matcher = self._matchers.get(seq.request_id)
         seq.first_token_time = seq.first_token_time or time.monotonic()
         reason = None
         new_ids, text = [choice.token], ""
-        if choice.token in params.stop_token_ids and not params.ignore_eos:
+        if choice.token in params.stop_token_ids and (not params.ignore_eos or matcher is not None):
             reason, new_ids = "stop", []
         else:
             seq.output_ids.append(choice.token)
+            if matcher is not None and (not matcher.accept(choice.token) or matcher.done):
+                reason = "stop"  # the grammar is complete (a refused token cannot be sampled)
             detok = self._detokenizers.get(seq.request_id)
             if detok is not None:
                 text = detok.add(choice.token)
@@ -330,6 +370,7 @@ class LLMEngine:
         if seq.session_id is not None:
             self._active_sessions.pop(seq.session_id, None)
         self._resume.pop(seq.request_id, None)
+        self._matchers.pop(seq.request_id, None)
         self.sequences.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self._detokenizers.pop(seq.request_id, None)

@@ -9,6 +9,21 @@ class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names it."""
 
 
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (structured outputs): `spec` is a JSON schema's text, a regex,
+    a JSON list of choices or an EBNF grammar; json_object needs none."""
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise SamplingError(f"structured output kind must be one of {list(CONSTRAINT_KINDS)}, got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
@@ -24,6 +39,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     logprobs: int | None = None    # return the chosen token's logprob and this many alternatives
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's logit_bias
+    constraint: Constraint | None = None            # structured outputs: decode under a grammar
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +60,8 @@ class SamplingParams:
                 raise SamplingError(f"'{name}' must be {rule}, got {getattr(self, name)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("'stop' must be non-empty strings")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise SamplingError("'logit_bias' values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

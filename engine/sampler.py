@@ -55,6 +55,14 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if not params.logit_bias:
+        return logits
+    ids, biases = zip(*params.logit_bias)
+    return logits.index_add(-1, torch.tensor(ids, device=logits.device),
+                            torch.tensor(biases, dtype=logits.dtype, device=logits.device))
+
+
 @dataclass
 class Sample:
     token: int
@@ -63,10 +71,14 @@ class Sample:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           prompt_ids: list[int] = (), output_ids: list[int] = ()) -> Sample:
-    """One token from logits [V], with logprobs (of the model's own distribution) on request."""
+           prompt_ids: list[int] = (), output_ids: list[int] = (), allowed: torch.Tensor | None = None) -> Sample:
+    """One token from logits [V], among the `allowed` ones (bool [V], a grammar's) if given;
+    logprobs on request are of the model's own distribution, before any of that steering."""
     logits = logits.float()
-    token = sample_next(apply_penalties(logits, params, list(prompt_ids), list(output_ids)), params, generator)
+    steered = apply_logit_bias(apply_penalties(logits, params, list(prompt_ids), list(output_ids)), params)
+    if allowed is not None:
+        steered = steered.masked_fill(~allowed, float("-inf"))
+    token = sample_next(steered, params, generator)
     if params.logprobs is None:
         return Sample(token)
     logprobs = logits.log_softmax(-1)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped
-from engine.llm_engine import ContextTooLong, EngineError, QueueFull, RequestOutput
+from engine.llm_engine import ConstraintError, ContextTooLong, EngineError, QueueFull, RequestOutput
 from engine.params import SamplingError, SamplingParams
 from engine.session_index import SESSION_ID, SessionError, check_session_id
 
@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .responses import responses_router
 from .streaming import chat_chunk, completion_chunk, sse, usage_body
+from .structured import constraint_of, logit_bias_of
 from .tenants import Tenant, TenantDirectory
 
 VERSION = "0.1.0"
@@ -277,7 +278,8 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
             top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=body.stop_strings(),
-            stop_token_ids=tuple(tokenizer.eos_ids), logprobs=logprobs, ignore_eos=body.ignore_eos)
+            stop_token_ids=tuple(tokenizer.eos_ids), logprobs=logprobs, ignore_eos=body.ignore_eos,
+            logit_bias=logit_bias_of(body.logit_bias), constraint=constraint_of(body))
     except SamplingError as e:
         raise errors.APIError(400, str(e), code="invalid_value") from None
 
@@ -314,6 +316,9 @@ async def start(state: ServerState, tenant: Tenant, prompt_ids: list[int], param
         raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
     except ContextTooLong as e:
         raise errors.APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    except ConstraintError as e:
+        param = "logit_bias" if "logit_bias" in str(e) else "response_format"
+        raise errors.APIError(400, str(e), param=param, code="invalid_value") from None
     except EngineError as e:
         raise errors.APIError(400, str(e), param="prompt") from None
     return _prepend(first, stream)

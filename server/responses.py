@@ -24,6 +24,7 @@ from engine.store.backend import MemoryBackend, StoreBackend
 from . import errors
 from .auth import tenant_of
 from .protocol import ResponsesRequest
+from .structured import from_text_format
 from .tenants import Tenant
 
 RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{24}$")
@@ -94,7 +95,7 @@ def responses_router(state) -> APIRouter:
         prompt_ids = tokenizer.encode(tokenizer.render_chat(system + conversation, add_generation_prompt=True))
         params = SamplingParams(max_tokens=body.max_output_tokens or state.default_max_tokens(len(prompt_ids)),
                                 temperature=body.temperature, top_p=body.top_p,
-                                stop_token_ids=tuple(tokenizer.eos_ids))
+                                stop_token_ids=tuple(tokenizer.eos_ids), constraint=from_text_format(body.text))
         rid = f"resp_{secrets.token_hex(12)}"
         saving = body.store and sessions_enabled
         resume_from = body.previous_response_id if saving and body.previous_response_id else None
@@ -133,7 +134,8 @@ def response_object(rid, created, model, body: ResponsesRequest, text, result, n
         "error": None, "instructions": body.instructions, "previous_response_id": body.previous_response_id,
         "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
         "max_output_tokens": body.max_output_tokens, "parallel_tool_calls": False, "tool_choice": "none",
-        "tools": [], "text": {"format": {"type": "text"}}, "user": body.user, "metadata": {},
+        "tools": [], "text": {"format": (body.text or {}).get("format") or {"type": "text"}}, "user": body.user,
+        "metadata": {},
         "output": [{"type": "message", "id": f"msg_{rid[5:]}", "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": num_prompt, "output_tokens": result.num_tokens,
