@@ -65,4 +65,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5 (vLLM's cut too) sampling is argmax in all but name, and a temperature
+        # under float32's range would divide the logits by 0.
+        return self.temperature < 1e-5

@@ -22,7 +22,10 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, min-p and top-p masking. logits [V] -> scaled, masked logits."""
-    logits = logits.float() / params.temperature
+    # Scaled from the top logit (the softmax is the same), so that none overflows to inf (NaN in
+    # the softmax): one a tiny repetition penalty made the largest float, over a temperature < 1.
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,7 +54,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits = logits.clone()
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        # Capped at the largest float: a tiny penalty must not make a seen logit inf (NaN later).
+        boosted = (picked / params.repetition_penalty).clamp(max=torch.finfo(logits.dtype).max)
+        logits[seen] = torch.where(picked > 0, boosted, picked * params.repetition_penalty)
     return logits
 
 
