@@ -37,6 +37,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p is under float32's range (it compares as 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -43,10 +43,12 @@ def test_penalties():
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=5e-324), SamplingParams(repetition_penalty=5e-324),
+                                    SamplingParams(top_p=5e-324),
                                     SamplingParams(temperature=1e-4, repetition_penalty=5e-324, top_p=0.5, min_p=0.5)])
 def test_extreme_parameters_still_sample(params):
     # a tiny temperature or repetition penalty once overflowed the logits to inf (or divided
-    # them by a float32 0): NaN probabilities, a failed engine step for the whole batch
+    # them by a float32 0), a tiny top_p dropped every token: NaN probabilities, a failed
+    # engine step for the whole batch
     logits = LOGITS + 5.0  # positive, as the repetition penalty divides only those
     assert sample(logits, params, torch.Generator().manual_seed(0), [0, 1], []).token in (0, 1)
     assert sample(LOGITS, SamplingParams(temperature=5e-324), torch.Generator().manual_seed(0)).token == 0
