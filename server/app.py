@@ -22,7 +22,7 @@ from engine.llm_engine import ConstraintError, ContextTooLong, EngineError, Queu
 from engine.params import SamplingError, SamplingParams
 from engine.session_index import SESSION_ID, SessionError, check_session_id
 
-from . import errors
+from . import errors, openapi
 from .auth import TenantGate, tenant_of
 from .config import ServerConfig
 from .limits import BodyLimit
@@ -70,6 +70,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     errors.install(app)
 
     tenants = tenants or TenantDirectory.from_config(config.api_key, config.api_keys_file)
+    openapi.install(app, api_key=not tenants.open)
     # The last added runs first: a caller is authenticated before its body is read.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     app.add_middleware(TenantGate, tenants=tenants, max_concurrent=config.max_concurrent_per_tenant)
