@@ -70,7 +70,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     errors.install(app)
 
     tenants = tenants or TenantDirectory.from_config(config.api_key, config.api_keys_file)
-    openapi.install(app, api_key=not tenants.open)
+    openapi.install(app, api_key=not tenants.open, vocab_size=engine.engine.model.config.vocab_size)
     # The last added runs first: a caller is authenticated before its body is read.
     app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
     app.add_middleware(TenantGate, tenants=tenants, max_concurrent=config.max_concurrent_per_tenant)

@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from engine.session_index import SESSION_ID
+
 
 # --- bodies (documentation only: the handlers build plain dicts) ----------------------------
 class ErrorDetail(BaseModel):
@@ -257,14 +259,15 @@ DESCRIPTIONS = {400: "Bad request (validation errors too: this server answers no
 BODIES = [ErrorResponse, *(body for body, _ in OPERATIONS.values()), *(event for event, _ in STREAMS.values())]
 
 
-def install(app: FastAPI, api_key: bool) -> None:
+def install(app: FastAPI, api_key: bool, vocab_size: int) -> None:
     """Serve the declared schema from /openapi.json; with `api_key`, /v1/* also declares 401."""
     generate = app.openapi  # FastAPI's, from the routes (all of them by the first request)
-    app.openapi = functools.cache(lambda: declare(generate(), api_key))
+    app.openapi = functools.cache(lambda: declare(generate(), api_key, vocab_size))
 
 
-def declare(schema: dict, api_key: bool) -> dict:
+def declare(schema: dict, api_key: bool, vocab_size: int) -> dict:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    refine_requests(schema, vocab_size)
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     _, defs = models_json_schema([(m, "serialization") for m in BODIES], ref_template="#/components/schemas/{model}")
@@ -275,6 +278,28 @@ def declare(schema: dict, api_key: bool) -> dict:
         for method, operation in methods.items():
             declare_operation(operation, (method, path), api_key and path.startswith("/v1/"))
     return schema
+
+
+def refine_requests(schema: dict, vocab_size: int) -> None:
+    """What the handlers and the engine check beyond pydantic, so that a request the schema
+    allows is one the server takes (the messages stay the server's own)."""
+    session_id = {"type": "string", "pattern": SESSION_ID.pattern}
+    for methods in schema["paths"].values():
+        for operation in methods.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "session_id":
+                    parameter["schema"].update(session_id)
+    components = schema["components"]["schemas"]
+    text = {"type": "string", "minLength": 1}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        fields = components[name]["properties"]
+        fields["session_id"]["anyOf"][0] = session_id
+        fields["stop"]["anyOf"][:2] = [text, {"type": "array", "items": text, "maxItems": 4}]
+    token = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
+    tokens = {"type": "array", "items": token, "minItems": 1}
+    one = {"minItems": 1, "maxItems": 1}  # one prompt a request
+    components["CompletionRequest"]["properties"]["prompt"]["anyOf"] = [
+        text, {"type": "array", "items": text, **one}, tokens, {"type": "array", "items": tokens, **one}]
 
 
 def declare_operation(operation: dict, key: tuple[str, str], authenticated: bool) -> None:
