@@ -229,8 +229,9 @@ class ResponseEvent(BaseModel):
 
 
 # --- what each operation answers ------------------------------------------------------------
-GENERATION = (400, 404, 409, 429, 503)  # 404: the model (or previous response); 409: a busy or
-# another model's session; 429: the queue is full; 503: shutting down, or the session store is out
+GENERATION = (400, 404, 409, 413, 429, 503)  # 404: the model (or previous response); 409: a busy or
+# another model's session; 413: the body is over its limit; 429: the queue is full; 503: shutting
+# down, or the session store is out
 SESSION_STORE = (400, 404, 409, 503)    # engine.session_index.SessionError codes (app.SESSION_STATUS)
 
 OPERATIONS = {  # (method, path): (the 200's body, error statuses)
@@ -254,7 +255,8 @@ STREAMS = {  # "stream": true answers text/event-stream: (each event's data, end
 TEXT = {("get", "/metrics"): "text/plain"}  # Prometheus' exposition format
 SESSION_HEADER = {("post", "/v1/chat/completions"), ("post", "/v1/completions")}
 DESCRIPTIONS = {400: "Bad request (validation errors too: this server answers no 422)",
-                401: "Missing or wrong API key", 404: "Not found", 409: "Conflict", 429: "Too many requests",
+                401: "Missing or wrong API key", 404: "Not found", 409: "Conflict",
+                413: "The request body is over --max-request-body-bytes", 429: "Too many requests",
                 503: "Unavailable"}
 BODIES = [ErrorResponse, *(body for body, _ in OPERATIONS.values()), *(event for event, _ in STREAMS.values())]
 
@@ -320,6 +322,8 @@ def declare_operation(operation: dict, key: tuple[str, str], authenticated: bool
     if authenticated:
         operation["security"] = [{"bearer": []}]
         responses["401"] = error(401)
+    if key[1].startswith("/v1/"):  # a tenant over --max-concurrent-per-tenant
+        responses["429"] = error(429)
 
 
 def event_stream(event: type[BaseModel], done: bool) -> dict:
