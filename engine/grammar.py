@@ -21,7 +21,7 @@ import torch
 from .params import Constraint
 
 FORMATS = {"json_object": "json_schema", "json_schema": "json_schema", "regex": "regex", "choice": "choice",
-           "grammar": "grammar"}
+           "grammar": "grammar", "lark": "lark"}
 COMPACT_JSON = {"whitespace_flexible": False}  # no runs of whitespace for a sampled model to loop in
 
 

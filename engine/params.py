@@ -9,13 +9,13 @@ class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names it."""
 
 
-CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "lark")
 
 
 @dataclass(frozen=True)
 class Constraint:
     """What the output must match (structured outputs): `spec` is a JSON schema's text, a regex,
-    a JSON list of choices or an EBNF grammar; json_object needs none."""
+    a JSON list of choices, a grammar (Lark or GBNF) or a Lark grammar; json_object needs none."""
     kind: str
     spec: str = ""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,11 +16,38 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END]
 
 # ChatML, as used by Qwen and many others.
+# ChatML, with tools rendered as Hermes / Qwen 2.5 do: their signatures in the system turn, calls
+# as <tool_call> JSON in the assistant's, results as <tool_response> in a user turn. Without tools
+# and tool messages it renders exactly as plain ChatML.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
+    "{%- if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ ('\n' if (message['content'] or not loop.first) else '') + '<tool_call>\n{\"name\": \"' + fn['name'] "
+    "+ '\", \"arguments\": ' + (fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson)) "
+    "+ '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 
@@ -59,9 +88,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The conversation as the model reads it; `tools` (OpenAI's function tools) go to the
+        template as transformers gives them."""
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     raise_exception=_raise, **self.special_tokens)
+                                     tools=tools or None, raise_exception=_raise, **self.special_tokens)
+
+    @property
+    def renders_tools(self) -> bool:
+        """The template shows tools to the model and expects Hermes-style <tool_call> answers."""
+        return "<tool_call>" in self.chat_template
 
     def save(self, directory: Path) -> None:
         self.hf.save(str(directory / "tokenizer.json"))
@@ -99,8 +136,15 @@ def _raise(message: str):
     raise TokenizerError(f"the chat template refused the messages: {message}")
 
 
+def _tojson(value, indent=None, ensure_ascii=False) -> str:
+    """transformers' `tojson` for chat templates: plain JSON, keys in their order, nothing escaped
+    for HTML (Jinja's own sorts keys and returns markup that escapes what it is added to)."""
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
 def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped
 from engine.llm_engine import ConstraintError, ContextTooLong, EngineError, QueueFull, RequestOutput
-from engine.params import SamplingError, SamplingParams
+from engine.params import Constraint, SamplingError, SamplingParams
 from engine.session_index import SESSION_ID, SessionError, check_session_id
 
 from . import errors, openapi
@@ -33,6 +34,7 @@ from .responses import responses_router
 from .streaming import chat_chunk, completion_chunk, sse, usage_body
 from .structured import constraint_of, logit_bias_of
 from .tenants import Tenant, TenantDirectory
+from .tools import StreamingToolParser, parse_calls, plan_tools
 
 VERSION = "0.1.0"
 SESSION_STATUS = {"busy": 409, "not_found": 404, "wrong_model": 409, "invalid_id": 400, "unavailable": 503}
@@ -101,21 +103,22 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(state, body.model)
         tokenizer = engine.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+        tools = plan_tools(body, tokenizer.renders_tools)
+        messages = [m.for_template() for m in body.messages]
+        prompt_ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools.tools))
         params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens,
-                                 body.top_logprobs if body.logprobs else None, len(prompt_ids))
+                                 body.top_logprobs if body.logprobs else None, len(prompt_ids), tools.constraint)
         session_id = session_of(body, request)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         stream = await start(state, tenant_of(request), prompt_ids, params, body.n, session_id, rid)
         if body.stream:
-            events = chat_events(state, stream, rid, body, len(prompt_ids))
+            events = chat_events(state, stream, rid, body, len(prompt_ids), tools.parse)
             return StreamingResponse(abort_on_disconnect(state, rid, events),
                                      media_type="text/event-stream", headers=session_header(session_id))
         outputs = await gather_unless_disconnected(request, state, rid, stream)
-        choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": chat_logprobs(tokenizer, o.samples) if body.logprobs else None,
-                    "finish_reason": o.finish_reason} for i, o in sorted(outputs.items())]
+        choices = [{"index": i, **chat_message(o, tools.parse),
+                    "logprobs": chat_logprobs(tokenizer, o.samples) if body.logprobs else None}
+                   for i, o in sorted(outputs.items())]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                              "model": state.model_name, "choices": choices,
                              "usage": usage_body(len(prompt_ids), outputs)}, headers=session_header(session_id))
@@ -271,8 +274,12 @@ def session_card(entry, public_id: str) -> dict:
 
 
 def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
-                    logprobs: int | None, prompt_len: int) -> SamplingParams:
+                    logprobs: int | None, prompt_len: int, tool_constraint: Constraint | None = None) -> SamplingParams:
     tokenizer = state.engine.engine.tokenizer
+    constraint = constraint_of(body)
+    if tool_constraint is not None and constraint is not None:
+        raise errors.APIError(400, "a required or named tool_choice cannot be combined with response_format",
+                              param="tool_choice", code="invalid_value")
     try:
         return SamplingParams(
             max_tokens=max_tokens or state.default_max_tokens(prompt_len), temperature=body.temperature,
@@ -280,7 +287,7 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=body.stop_strings(),
             stop_token_ids=tuple(tokenizer.eos_ids), logprobs=logprobs, ignore_eos=body.ignore_eos,
-            logit_bias=logit_bias_of(body.logit_bias), constraint=constraint_of(body))
+            logit_bias=logit_bias_of(body.logit_bias), constraint=tool_constraint or constraint)
     except SamplingError as e:
         raise errors.APIError(400, str(e), code="invalid_value") from None
 
@@ -397,18 +404,40 @@ async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> di
     return results
 
 
-async def chat_events(state, stream, rid, body, num_prompt):
+def chat_message(result: "SampleResult", parse_tools: bool) -> dict:
+    """A finished choice's message and finish_reason, its tool calls parsed out when asked."""
+    content, calls = parse_calls(result.text) if parse_tools else (result.text, [])
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+    reason = "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
+    return {"message": message, "finish_reason": reason}
+
+
+async def chat_events(state, stream, rid, body, num_prompt, parse_tools: bool = False):
     created = int(time.time())
     results: dict[int, SampleResult] = {}
+    parsers: dict[int, StreamingToolParser] = {}
+    chunk = functools.partial(chat_chunk, rid, created, state.model_name)
     for i in range(body.n):
-        yield sse(chat_chunk(rid, created, state.model_name, i, {"role": "assistant", "content": ""}))
+        yield sse(chunk(i, {"role": "assistant", "content": ""}))
     async for out in stream:
         results.setdefault(out.index, SampleResult()).add(out)
         logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
-        if out.new_text or logprobs:
-            yield sse(chat_chunk(rid, created, state.model_name, out.index, {"content": out.new_text}, logprobs=logprobs))
+        text, calls = out.new_text, []
+        if parse_tools:
+            parser = parsers.setdefault(out.index, StreamingToolParser())
+            text, calls = parser.feed(out.new_text)
+            if out.finished:
+                text += parser.finish()
+        if text or logprobs:
+            yield sse(chunk(out.index, {"content": text}, logprobs=logprobs))
+        if calls:
+            yield sse(chunk(out.index, {"tool_calls": calls}))
         if out.finished:
-            yield sse(chat_chunk(rid, created, state.model_name, out.index, {}, finish_reason=out.finish_reason))
+            called = out.index in parsers and parsers[out.index].calls
+            reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+            yield sse(chunk(out.index, {}, finish_reason=reason))
     if body.stream_options and body.stream_options.include_usage:
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                    "choices": [], "usage": usage_body(num_prompt, results)})
