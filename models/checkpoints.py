@@ -15,7 +15,8 @@ import abc
 
 import torch
 
-from .aggregation import gate_weights, ssc_topk
+from kernels.aggregation import gate_weights, ssc_topk
+
 from .config import ModelConfig
 from .memory import Memory
 from .state import LayerState

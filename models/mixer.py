@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .aggregation import gate_weights
+from kernels.aggregation import gate_weights
+
 from .checkpoints import DenseCheckpoints
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv

@@ -259,6 +259,18 @@ def test_build_context_wheel_carries_the_bundled_model(tmp_path):
     assert weights.stat().st_mode & 0o004, "the installed weights must be readable by any user"
 
 
+def test_a_checkouts_wheel_takes_the_four_layers_only():
+    """pyproject's package list finds models, engine, kernels and server and nothing beside them:
+    benchmarks/, evals/ (with its haystack text), loadtests/ and tests/ run from a checkout and stay
+    out of a wheel built from one, not only out of the image, whose context leaves them out anyway."""
+    setuptools = pytest.importorskip("setuptools")
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = setuptools.find_packages(str(ROOT), include=config["packages"]["find"]["include"])
+    assert {name.split(".")[0] for name in found} == set(SOURCE_DIRS), found
+    assert set(config["package-data"]) <= set(found), config["package-data"]
+
+
 # --- compose ------------------------------------------------------------------------------------
 def compose() -> dict:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())

@@ -5,11 +5,14 @@ import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/ runs from a checkout: it is not installed
 
 
 def test_kernel_bench_quick_checks_then_reports():
-    res = subprocess.run([sys.executable, "-m", "kernels.bench", "--quick"], capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_bench", "--quick"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     decode = [line for line in res.stdout.splitlines() if line.startswith("| decode_step")]
     cached = [line for line in res.stdout.splitlines() if line.startswith("| cached")]
@@ -21,8 +24,8 @@ def test_kernel_bench_quick_checks_then_reports():
 
 
 def test_end_to_end_bench_quick_checks_then_reports():
-    res = subprocess.run([sys.executable, "-m", "kernels.bench_e2e", "--quick", "--aggregations", "ssc"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.kernel_e2e_bench", "--quick", "--aggregations",
+                          "ssc"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ssc top-2 |")]
     assert len(rows) == 4

@@ -115,7 +115,7 @@ def test_terms_scan_kernel_matches_reference(memory, L, reset):
 def test_tf32_would_miss_the_kernels_tolerance_and_tf32x3_meets_it():
     """Why the prefill kernels ask for tf32x3: emulated on the CPU, TF32 products drift ~1e-3 from
     fp64 over 1024 tokens (the kernel tests ask for 1e-4); tf32x3 stays as close as fp32."""
-    from kernels.tf32_emulation import drift, to_tf32
+    from benchmarks.tf32_emulation import drift, to_tf32
     x = torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -12, -3.0])
     assert to_tf32(x).tolist() == [1.0 + 2 ** -10, 1.0, -3.0]  # 10 mantissa bits, nearest, ties away
     errors = drift(T=1024, H=2, dk=32, dv=32, chunk=32, decay=0.99)

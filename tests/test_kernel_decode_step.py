@@ -57,7 +57,7 @@ def test_reference_matches_the_model_memories():
 @pytest.mark.parametrize("memory", ["linear", "gla", "delta"])
 def test_decode_step_kernel_matches_flash_linear_attention(memory):
     """fla's fused_recurrent (simple_gla / gated delta rule) computes the same step: an oracle
-    written by others, and the baseline `kernels.bench` times ours against."""
+    written by others, and the baseline `benchmarks.kernel_bench` times ours against."""
     pytest.importorskip("fla", reason="fla-core is not installed")
     from kernels.fla_baseline import fla_decode_step, load
     fla = load()

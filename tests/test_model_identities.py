@@ -34,7 +34,7 @@ def test_grm_equals_soup_for_matrix_memories(memory):
 @pytest.mark.parametrize("memory", models.MEMORIES)
 def test_grm_and_soup_train_identically(memory):
     """The training path computes soup exactly as grm, to the bit: the recall grid trains grm
-    once and scores its weights as soup too (models/eval/recall.py, TRAINS_AS)."""
+    once and scores its weights as soup too (evals/recall.py, TRAINS_AS)."""
     grm = tiny_model(memory=memory, aggregation="grm")
     soup = same_weights(grm, aggregation="soup")
     toks = tokens(2, 23)

@@ -4,7 +4,7 @@ is scored; a perfect lookup scores 1 and a constant guess scores near chance."""
 import pytest
 import torch
 
-from models.eval.mqar import IGNORE, MQARConfig, MQARMixture, mqar_batch, recall_accuracy
+from evals.mqar import IGNORE, MQARConfig, MQARMixture, mqar_batch, recall_accuracy
 
 
 @pytest.mark.parametrize("seq_len,num_pairs", [(64, 4), (256, 16), (257, 64)])

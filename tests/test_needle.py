@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from models.eval.grid_tasks import BUNDLED_TOKENIZER
-from models.eval.mqar import IGNORE
-from models.eval.needle import NeedleMixture, NeedleTask
-from models.eval.needle_eval import answers_by_engine, answers_by_greedy_loop, needle_examples, needle_scores
+from evals.grid_tasks import BUNDLED_TOKENIZER
+from evals.mqar import IGNORE
+from evals.needle import NeedleMixture, NeedleTask
+from evals.needle_eval import answers_by_engine, answers_by_greedy_loop, needle_examples, needle_scores
 from models.tokenizer import Tokenizer
 from tests.helpers import tiny_model
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from models.eval import recall
-from models.eval.recall_report import END, START, best_by_model, write_report
+from evals import recall
+from evals.recall_report import END, START, best_by_model, write_report
 
 TINY_GRID = ["--quick", "--jobs", "1", "--mqar-steps", "8", "--needle-steps", "4"]
 
@@ -68,7 +68,7 @@ def test_best_learning_rate_is_chosen_on_mean_accuracy_over_seeds():
 
 
 def test_sweep_table_shows_every_learning_rate_and_gaps():
-    from models.eval.recall_report import sweep_table
+    from evals.recall_report import sweep_table
 
     def run(model, lr, accs):
         return {"task": "mqar", "model": model, "lr": lr, "accuracy": accs}
@@ -134,7 +134,7 @@ def test_a_twin_gets_its_own_record_from_the_same_training():
     assert soup["trained_as"] == "gla-grm" and "trained_as" not in grm
     assert soup["loss_curve"] == grm["loss_curve"] and soup["parameters"] == grm["parameters"]
     assert soup["accuracy"] == grm["accuracy"]  # MQAR scores the training path: bit-identical
-    from models.eval.recall_report import best_by_model, table
+    from evals.recall_report import best_by_model, table
     text = table(best_by_model([grm, soup], "mqar"))
     assert f"| {grm['train_seconds']:.0f} |" in text and "| gla-grm's |" in text
 

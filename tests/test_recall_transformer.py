@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.eval.mqar import MQARConfig, mqar_batch, recall_accuracy
-from models.eval.transformer import Transformer, TransformerConfig, rotary
+from evals.mqar import MQARConfig, mqar_batch, recall_accuracy
+from evals.transformer import Transformer, TransformerConfig, rotary
 
 
 def test_attention_is_causal():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.eval.mqar import IGNORE, MQARConfig, mqar_batch
-from models.eval.task_train import TaskTrainConfig, masked_loss, scored_loss, task_accuracy, train_on_task
-from models.eval.transformer import Transformer, TransformerConfig
+from evals.mqar import IGNORE, MQARConfig, mqar_batch
+from evals.task_train import TaskTrainConfig, masked_loss, scored_loss, task_accuracy, train_on_task
+from evals.transformer import Transformer, TransformerConfig
 from models.model import MCModel
 
 TASK = MQARConfig(vocab_size=32, seq_len=32, num_pairs=4)

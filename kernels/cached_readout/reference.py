@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from models.aggregation import gate_weights
+from kernels.aggregation import gate_weights
 
 MODES = ("residual", "grm", "soup", "ssc")
 

@@ -15,7 +15,7 @@ import torch
 
 def chunk_prefill_ref(q, k, v, log_a, M0, chunk: int, reset_after: torch.Tensor | None = None, *,
                       matmul=torch.matmul, dtype=torch.float32):
-    """`matmul` and `dtype` let `kernels.tf32_emulation` replay the products at a GPU's precision."""
+    """`matmul` and `dtype` let `benchmarks.tf32_emulation` replay the products at a GPU's precision."""
     T, H, dk = q.shape
     N = T // chunk
     M = M0.to(dtype).clone()

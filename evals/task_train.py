@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.eval.mqar import IGNORE, recall_accuracy
+from evals.mqar import IGNORE, recall_accuracy
 from models.optim import adamw, cosine_lr, set_lr
 
 Sampler = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]

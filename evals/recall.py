@@ -1,13 +1,13 @@
 """The recall grid (issue 8): MQAR and needle-in-a-haystack for every MC aggregation on gla and
 delta memory, against a softmax-attention transformer of the same width.
 
-    python -m models.eval.recall                  # the default grid, 61 min on 2 CPU cores
-    python -m models.eval.recall --quick          # a smoke run of a few minutes
+    python -m evals.recall          # the default grid, 61 min on 2 CPU cores
+    python -m evals.recall --quick  # a smoke run of a few minutes
 
 Every model gets the same training steps and the same learning-rate sweep; the table reports each
 model at its best learning rate (mean accuracy over lengths). Runs go to `<out>/runs.jsonl` as they
 finish, and a second call skips the runs already there, so an interrupted grid resumes.
-`models.eval.recall_report` turns the runs into docs/recall.md's table and plot.
+`evals.recall_report` turns the runs into docs/recall.md's table and plot.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from models.config import AGGREGATIONS, ModelConfig
-from models.eval.grid_tasks import grid_task, mean
-from models.eval.mqar import MQARConfig
-from models.eval.task_train import TaskTrainConfig, train_on_task
-from models.eval.transformer import Transformer, TransformerConfig
+from evals.grid_tasks import grid_task, mean
+from evals.mqar import MQARConfig
+from evals.task_train import TaskTrainConfig, train_on_task
+from evals.transformer import Transformer, TransformerConfig
 from models.model import MCModel
 
 TRANSFORMER = "transformer"
@@ -262,7 +262,7 @@ def _execute_all(runs: list[Run], jobs: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.eval.recall", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evals.recall", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/recall", help="directory for runs.jsonl (default runs/recall)")
     parser.add_argument("--tasks", default="mqar,needle", help="comma list of mqar, needle")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"unknown: {', '.join(unknown) or args.models!r}")
     results = run_grid(grid, Path(args.out), tasks, args.jobs, models=models)
     if args.report:
-        from models.eval.recall_report import write_report
+        from evals.recall_report import write_report
         write_report(results, grid, Path(args.report))
         print(f"wrote {args.report}")
 

@@ -1,7 +1,7 @@
 """Throughput of the model's three execution paths (a benchmark script, not a test).
 
-    python -m models.bench                         # 6 layers, d_model 256, lengths 512 2048 8192
-    python -m models.bench --lengths 512 --quick   # a smoke run
+    python -m benchmarks.model_bench                        # 6 layers, d_model 256, lengths 512 2048 8192
+    python -m benchmarks.model_bench --lengths 512 --quick  # a smoke run
 
 Checks that the paths agree before timing them, then prints tokens/s for:
 naive (token loop), forward (chunked, from empty), and the engine path split as

@@ -1,7 +1,7 @@
 """How far the chunked prefill drifts from fp64 when its products run in TF32 or tf32x3, emulated on
 the CPU (why `DOT_PRECISION` in kernels/chunk_prefill is tf32x3; the interpreter computes in fp32).
 
-    python -m kernels.tf32_emulation                 # 4096 tokens, 4 heads, dk = dv = chunk = 64
+    python -m benchmarks.tf32_emulation  # 4096 tokens, 4 heads, dk = dv = chunk = 64
 
 TF32 keeps 10 of fp32's 23 mantissa bits; tensor cores multiply the rounded operands exactly and
 accumulate in fp32. tf32x3 splits each operand into a TF32 head and a TF32 tail and adds the three

@@ -13,7 +13,7 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
-from models.eval.needle import NeedleExample, NeedleTask
+from evals.needle import NeedleExample, NeedleTask
 from models.model import MCModel
 
 

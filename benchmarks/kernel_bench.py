@@ -4,9 +4,9 @@ time, achieved bytes/s and the ratio to the GPU's peak memory bandwidth, and the
 the torch reference and over flash-linear-attention's fused_recurrent kernels (decode step, when
 `fla-core` is installed).
 
-    python -m kernels.bench                     # on a GPU
-    python -m kernels.bench --quick             # CPU smoke run (Triton interpreter: checks only)
-    python -m kernels.bench --peak-gbs 4800     # H200 HBM3e (default 3350: H100 SXM HBM3)
+    python -m benchmarks.kernel_bench                  # on a GPU
+    python -m benchmarks.kernel_bench --quick          # CPU smoke run (Triton interpreter: checks only)
+    python -m benchmarks.kernel_bench --peak-gbs 4800  # H200 HBM3e (default 3350: H100 SXM HBM3)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """End-to-end decode benchmark on the kernels (a script, not a test): generated tokens/s of the
 LLMEngine for a large random model, Triton path against the torch path.
 
-    python -m kernels.bench_e2e                 # on a GPU: 24 layers, d_model 1024, 16 heads
-    python -m kernels.bench_e2e --quick         # CPU smoke run (Triton interpreter: checks only)
+    python -m benchmarks.kernel_e2e_bench          # on a GPU: 24 layers, d_model 1024, 16 heads
+    python -m benchmarks.kernel_e2e_bench --quick  # CPU smoke run (Triton interpreter: checks only)
 
 For each aggregation (grm, ssc top-2), batch (1, 16, 64, 256) and number of cached checkpoints per
 sequence (0, 8, 32): prefill the batch (untimed), then time decode steps. Before any timing the
@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import models  # noqa: E402
-from engine.bench import decode_rate  # noqa: E402
+from benchmarks.engine_bench import decode_rate  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.params import SamplingParams  # noqa: E402

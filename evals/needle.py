@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from models.eval.mixture import check_weights, draw
-from models.eval.mqar import IGNORE
+from evals.mixture import check_weights, draw
+from evals.mqar import IGNORE
 from models.tokenizer import Tokenizer
 
 HAYSTACK = Path(__file__).parent / "data" / "haystack.txt"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.eval.mixture import check_weights, draw
+from evals.mixture import check_weights, draw
 
 IGNORE = -100
 

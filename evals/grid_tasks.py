@@ -9,21 +9,21 @@ the training mixture, and the scores of a trained model.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from models.eval.mqar import MQARConfig, MQARMixture, mqar_batch
-from models.eval.needle import NeedleMixture, NeedleTask
-from models.eval.task_train import task_accuracy
+from evals.mqar import MQARConfig, MQARMixture, mqar_batch
+from evals.needle import NeedleMixture, NeedleTask
+from evals.task_train import task_accuracy
+from models import default_model_path
 from models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from models.eval.recall import GridConfig
+    from evals.recall import GridConfig
 
-BUNDLED_TOKENIZER = Path(__file__).parents[1] / "weights" / "mc-gla-grm-small" / "tokenizer.json"
+BUNDLED_TOKENIZER = default_model_path() / "tokenizer.json"  # the weights ship inside `models`
 
 
 class MQARGridTask:
@@ -62,7 +62,7 @@ class NeedleGridTask:
         return NeedleMixture(self.needle, lengths, g.needle_tokens_per_batch, tuple(g.needle_mixture_weights))
 
     def scores(self, model: nn.Module, device: torch.device) -> dict:
-        from models.eval.needle_eval import needle_examples, needle_scores  # imports the engine
+        from evals.needle_eval import needle_examples, needle_scores  # imports the engine
         g = self.grid
         records = needle_scores(model, needle_examples(self.needle, list(g.lengths), list(g.depths),
                                                        g.needle_per_cell))

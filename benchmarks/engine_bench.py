@@ -1,7 +1,7 @@
 """Engine benchmark (a script, not a test).
 
-    python -m engine.bench                      # the bundled model
-    python -m engine.bench --quick              # small sizes, a smoke run
+    python -m benchmarks.engine_bench          # the bundled model
+    python -m benchmarks.engine_bench --quick  # small sizes, a smoke run
 
 1. Decode throughput (generated tokens/s) of the LLMEngine at batch 1, 8, 32 with 0, 8, 32
    cached checkpoints per sequence (median of 3 runs), against running the same requests one
@@ -27,12 +27,11 @@ import time
 import torch
 
 import models
-
-from .config import EngineConfig
-from .llm_engine import LLMEngine
-from .params import SamplingParams
-from .sessions import SessionStore
-from .store.backend import KINDS, BackendError, open_backend
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams
+from engine.sessions import SessionStore
+from engine.store.backend import KINDS, BackendError, open_backend
 
 
 def decode_rate(engine: LLMEngine, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
