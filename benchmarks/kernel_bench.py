@@ -21,22 +21,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
+import triton
+import triton.testing
 
-from kernels import fla_baseline  # noqa: E402
-from kernels.cached_readout import cached_readout_ref  # noqa: E402
-from kernels.cached_readout.triton_kernel import cached_readout_triton  # noqa: E402
-from kernels.decode_step import decode_step_ref  # noqa: E402
-from kernels.decode_step.triton_kernel import decode_step_triton  # noqa: E402
-from kernels.chunk_prefill.reference import chunk_prefill_ref, chunk_scan_terms_ref  # noqa: E402
-from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton  # noqa: E402
-from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton  # noqa: E402
-from kernels.fla_baseline import fla_decode_step  # noqa: E402
-from kernels.segment_end.reference import segment_end_ref  # noqa: E402
-from kernels.segment_end.triton_kernel import segment_end_triton  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.memory import build_memory  # noqa: E402
+from kernels import fla_baseline
+from kernels.cached_readout import cached_readout_ref
+from kernels.cached_readout.triton_kernel import cached_readout_triton
+from kernels.chunk_prefill.reference import chunk_prefill_ref, chunk_scan_terms_ref
+from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+from kernels.decode_step import decode_step_ref
+from kernels.decode_step.triton_kernel import decode_step_triton
+from kernels.fla_baseline import fla_decode_step
+from kernels.segment_end.reference import segment_end_ref
+from kernels.segment_end.triton_kernel import segment_end_triton
+from models.config import ModelConfig
+from models.memory import build_memory
 
 
 def timed(fn, repeats: int) -> float:
@@ -133,7 +133,7 @@ def bench_chunk_prefill(memory, T, H, dk, dv, chunk, device, repeats, peak):
         inputs = [q, k, v]
     else:
         N = T // chunk
-        heads = lambda t: t.permute(1, 0, 2).reshape(1, H, N, chunk, -1)  # noqa: E731  [T,H,*] -> [1,H,N,L,*]
+        heads = lambda t: t.permute(1, 0, 2).reshape(1, H, N, chunk, -1)
         beta = torch.rand(1, H, N, chunk, generator=g).to(device)
         terms = build_memory(ModelConfig(memory="delta", n_heads=H, dk=dk, dv=dv, d_model=H * dk)).chunk_terms(
             heads(q), heads(k), heads(v), log_a.T.reshape(1, H, N, chunk), beta)

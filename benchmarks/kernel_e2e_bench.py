@@ -19,11 +19,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import models  # noqa: E402
-from benchmarks.engine_bench import decode_rate  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.params import SamplingParams  # noqa: E402
+import models
+from benchmarks.engine_bench import decode_rate
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams
 
 LARGE = dict(n_layers=24, d_model=1024, n_heads=16, dk=64, dv=64, mlp_hidden=2816, vocab_size=50257,
              segment_size=64, memory="gla")

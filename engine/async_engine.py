@@ -144,7 +144,7 @@ class AsyncEngine:
                 busy = self.engine.has_unfinished()
                 try:
                     outputs = self.engine.step() if busy else []
-                except Exception as e:  # a bug must not hang the clients: fail their requests
+                except Exception as e:  # noqa: BLE001 - a bug must not hang the clients: fail their requests
                     self.step_error = e
                     outputs = []
                     self._fail_everything(e)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from models import MCModel
+
 from .params import SamplingParams
 from .sampler import make_generator, sample_next
 

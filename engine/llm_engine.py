@@ -24,9 +24,9 @@ from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, SequenceStatus
-from .stats import TIERS, EngineStats
 from .session_index import SessionError, check_session_id
 from .sessions import SessionStore, stack_blocks
+from .stats import TIERS, EngineStats
 
 
 class EngineError(ValueError):

@@ -139,7 +139,7 @@ class ModelRunner:
         pad = rows - B
         table = [t + [0] * (width - len(t)) for t in block_tables] + [[0] * width] * pad
         ends = [-1 if b is None else b for b in new_blocks] + [-1] * pad
-        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype).to(self.device)  # noqa: E731
+        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype).to(self.device)
         return {"tokens": as_tensor(tokens + [0] * pad), "positions": as_tensor(positions + [0] * pad),
                 "slot_ids": as_tensor(slots + [self.trash_slot] * pad),
                 "table": as_tensor(table, torch.int32).view(rows, width),

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import AGGREGATIONS, ModelConfig
 from evals.grid_tasks import grid_task, mean
 from evals.mqar import MQARConfig
 from evals.task_train import TaskTrainConfig, train_on_task
 from evals.transformer import Transformer, TransformerConfig
+from models.config import AGGREGATIONS, ModelConfig
 from models.model import MCModel
 
 TRANSFORMER = "transformer"

@@ -27,7 +27,6 @@ from kernels import interpreted
 from kernels.compile_only import compile_only
 
 
-
 @dataclass(frozen=True)
 class SMLimits:
     """One SM's limits, as the CUDA occupancy calculator has them."""

@@ -68,7 +68,7 @@ def fla_decode_step(fns, states: torch.Tensor, q, k, v, log_a, beta):
     """One token for B sequences whose states are `states` [B,H,dk,dv] fp32 (not changed).
     Returns (o [B,H,dv], new states [B,H,dk,dv]), as `decode_step_ref` with slots 0..B-1."""
     simple_gla, gated_delta = fns
-    one = lambda t: t[:, None]  # noqa: E731  [B,H,...] -> fla's [B,T=1,H,...]
+    one = lambda t: t[:, None]
     if beta is None:
         o, final = simple_gla(one(q), one(k), one(v), g=one(log_a), scale=1.0, initial_state=states,
                               output_final_state=True)

@@ -6,7 +6,8 @@
 
 Synthetic prompts of a set length (random words, counted by the server's own usage report) are
 sent as streaming chat completions with `ignore_eos`, so every request generates exactly
-`--output-len` tokens (`--sessions`: each names a new session, which the server saves). Arrivals follow a Poisson process at `--request-rate` (default: all at once),
+`--output-len` tokens (`--sessions`: each names a new session, which the server saves).
+Arrivals follow a Poisson process at `--request-rate` (default: all at once),
 bounded by `--max-concurrency`, `--num-prompts` and `--duration`. Reported: TTFT, TPOT, ITL and
 end-to-end latency (mean, median, p99), request and token throughput, failures; `--json-out`
 writes them. `--multi-turn` runs C conversations of T turns twice, resuming each conversation by

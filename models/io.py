@@ -114,7 +114,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({name: f.get_tensor(name) for name in f.keys()})
-        except Exception as e:  # safetensors raises several types for corrupt/truncated files
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
             raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e})") from None
     return tensors, files[0] if len(files) == 1 else index
 

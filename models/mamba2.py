@@ -78,7 +78,7 @@ class Mamba2Mixer(Mixer):
             dt = dt.clamp(min=c.dt_min, max=c.dt_max or None)
         dt = dt.transpose(1, 2)                                            # [B,H,T]
         xs = xs.unflatten(-1, (H, P)).transpose(1, 2)                      # [B,H,T,P]
-        grouped = lambda t: t.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2).transpose(1, 2)  # noqa: E731
+        grouped = lambda t: t.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2).transpose(1, 2)
         u = self.u_proj(x).float().unflatten(-1, (H, N)).transpose(1, 2) if self.u_proj is not None else None
         return Projected(
             q=grouped(C), k=grouped(B), v=xs * dt[..., None], u=u,

@@ -14,9 +14,8 @@ Mamba2. The engine reaches every one through the same two methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import abc
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +91,7 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
     def new_state(self, batch: int, device=None) -> LayerState:
         c = self.config
         H, dk, dv = c.n_heads, c.dk, c.dv
-        zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(*shape, device=device)
         return LayerState(
             online=zeros(batch, H, dk, dv), key_sum=zeros(batch, H, dk),
             ckpts=zeros(batch, H, 0, dk, dv), summaries=zeros(batch, H, 0, dk),
@@ -169,7 +168,7 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
         L = self.chunk_size
         front = pos % L
         N = -(-(front + T) // L)
-        pad = lambda t: None if t is None else F.pad(  # noqa: E731
+        pad = lambda t: None if t is None else F.pad(
             t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
         q, k, v, u, log_a, beta = map(pad, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
         if scan is not None:
@@ -202,12 +201,12 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
                              device=q.device)
         if not self.memory.fusable_scan:
             t = self.memory.chunk_terms(q, k, v, log_a, beta)
-            heads = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731  [B,H,...] -> [BH,...]
+            heads = lambda x: None if x is None else x.flatten(0, 1)
             outs, states = scan.terms(heads(t.q_decayed), heads(t.attn), heads(t.values), heads(t.w),
                                       heads(t.k_to_end), heads(t.gamma_end), heads(M0), reset)
             outs, states = outs.unflatten(0, (B, H)), states.unflatten(0, (B, H))
             return lambda n, M: (outs[:, :, n], states[:, :, n])
-        flat = lambda t: t.permute(1, 2, 0, 3).flatten(0, 1)  # noqa: E731  [H,N,L,*] -> [N*L,H,*]
+        flat = lambda t: t.permute(1, 2, 0, 3).flatten(0, 1)
         outs, states = [], []
         for b in range(B):
             o, per_chunk, _ = scan.gated(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L, reset)
@@ -383,8 +382,8 @@ class MCMixer(Mixer):
             qkv, conv_tail = self.conv.convolve(conv_window)
         q, k, v = qkv.float().split(self.qkv_splits, dim=-1)
         # Normalised per head before the heads-first transpose: a contiguous last dim is ~2x faster.
-        normed = lambda t: F.normalize(t.unflatten(-1, (H, dk)), dim=-1, eps=1e-6).transpose(1, 2)  # noqa: E731
-        heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)  # noqa: E731
+        normed = lambda t: F.normalize(t.unflatten(-1, (H, dk)), dim=-1, eps=1e-6).transpose(1, 2)
+        heads = lambda t, dim: t.unflatten(-1, (H, dim)).transpose(1, 2)
         log_a, beta = self.memory.gates(x)
         return Projected(
             q=normed(q), k=normed(k), v=heads(v, dv),

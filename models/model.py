@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU
 from .gated_deltanet import GatedDeltaNetMixer
+from .layers import RMSNorm, SwiGLU
 from .mamba2 import Mamba2Mixer
 from .mixer import MCMixer
 from .state import MCState, StateError
-
 
 MIXERS = {"mcserve": MCMixer, "mamba2": Mamba2Mixer, "gated_deltanet": GatedDeltaNetMixer}
 

@@ -18,7 +18,7 @@ def cosine_lr(step: int, lr: float, steps: int, warmup: int, min_lr_ratio: float
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decayed = lambda name, p: p.dim() >= 2 and "embed" not in name  # noqa: E731
+    decayed = lambda name, p: p.dim() >= 2 and "embed" not in name
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if decayed(n, p)], "weight_decay": weight_decay},
               {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,7 +73,7 @@ class Tokenizer:
     def from_file(cls, path: str | Path, chat_template: str | None = None, **options) -> "Tokenizer":
         try:
             hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
         return cls(hf, chat_template, **options)
 

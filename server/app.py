@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.async_engine import AsyncEngine, EngineStopped
-from engine.llm_engine import ConstraintError, ContextTooLong, EngineError, QueueFull, RequestOutput
-from engine.params import Constraint, SamplingError, SamplingParams
-from engine.session_index import SESSION_ID, SessionError, check_session_id
+from engine.async_engine import AsyncEngine
 
 from . import errors, openapi
 from .auth import TenantGate, tenant_of
@@ -29,32 +23,15 @@ from .config import ServerConfig
 from .limits import BodyLimit
 from .logs import RequestIdMiddleware
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .requests import ServerState, abort_on_disconnect, check_model, gather_unless_disconnected, sampling_params, start
 from .responses import responses_router
-from .streaming import chat_chunk, completion_chunk, sse, usage_body
-from .structured import constraint_of, logit_bias_of
-from .tenants import Tenant, TenantDirectory
-from .tools import StreamingToolParser, parse_calls, plan_tools
+from .sessions import guarded, no_session, session_card, session_header, session_of, sessions_of, store_session_id
+from .streaming import chat_events, chat_logprobs, chat_message, completion_events, completion_logprobs, usage_body
+from .tenants import TenantDirectory
+from .tools import plan_tools
 
 VERSION = "0.1.0"
-SESSION_STATUS = {"busy": 409, "not_found": 404, "wrong_model": 409, "invalid_id": 400, "unavailable": 503}
-
-
-@dataclass
-class ServerState:
-    engine: AsyncEngine
-    config: ServerConfig
-    metrics: Metrics
-    model_name: str
-    created: int
-
-    def default_max_tokens(self, prompt_len: int) -> int:
-        """What is left of `max_model_len` after the prompt (as vLLM), capped by
-        --default-max-tokens when set; at least 1, so that a prompt too long by itself gets the
-        engine's clear 400."""
-        left = self.engine.engine.max_model_len - prompt_len
-        cap = self.config.default_max_tokens
-        return max(1, min(left, cap) if cap else left)
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
@@ -178,7 +155,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     return app
 
 
-# --- helpers -------------------------------------------------------------------------------
 def health_body(engine: AsyncEngine):
     """503 when the engine failed or is draining (a readiness probe takes the replica out);
     "degraded" (200: generation still works) while session writes fail; the store's damage
@@ -208,275 +184,3 @@ def model_card(state: ServerState) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mcserve",
             "max_model_len": state.engine.engine.max_model_len}
 
-
-def check_model(state: ServerState, name: str) -> None:
-    if name != state.model_name:
-        raise errors.APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
-                              param="model", code="model_not_found")
-
-
-def session_of(body: SamplingFields, request: Request) -> str | None:
-    """The session a request names (the field, or the X-Session-Id header), as the client knows it."""
-    session_id = body.session_id or request.headers.get("x-session-id")
-    if session_id is not None:
-        check_public_session_id(session_id)
-    return session_id
-
-
-def check_public_session_id(session_id: str) -> None:
-    try:
-        check_session_id(session_id, SESSION_ID)
-    except SessionError as e:
-        raise errors.APIError(400, str(e), param="session_id", code="invalid_session_id") from None
-
-
-def store_session_id(tenant: Tenant, session_id: str) -> str:
-    check_public_session_id(session_id)
-    return tenant.store_id(session_id)
-
-
-def no_session(session_id: str) -> errors.APIError:
-    return errors.APIError(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
-
-
-def session_header(session_id: str | None) -> dict[str, str]:
-    return {"X-Session-Id": session_id} if session_id else {}
-
-
-def sessions_of(state: ServerState):
-    store = state.engine.engine.sessions
-    if store is None:
-        raise errors.APIError(404, "sessions are not enabled on this server", code="sessions_disabled")
-    return store
-
-
-def session_api_error(e: SessionError, tenant: Tenant) -> errors.APIError:
-    """The one mapping of session errors to HTTP; the message names sessions as the client does."""
-    message = str(e)
-    if tenant.name:
-        message = message.replace(tenant.store_id(""), "")
-    retry = {"Retry-After": "5"} if e.code == "unavailable" else None  # the store may be back soon
-    return errors.APIError(SESSION_STATUS.get(e.code, 400), message, param="session_id", code=f"session_{e.code}",
-                           headers=retry)
-
-
-def guarded(tenant: Tenant, fn, *args):
-    try:
-        return fn(*args)
-    except SessionError as e:
-        raise session_api_error(e, tenant) from None
-
-
-def session_card(entry, public_id: str) -> dict:
-    return {"id": public_id, "object": "session", "tokens": entry.num_tokens,
-            "checkpoints": entry.num_checkpoints, "bytes": entry.nbytes, "tier": entry.tier,
-            "created": int(entry.created), "last_used": int(entry.last_used)}
-
-
-def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
-                    logprobs: int | None, prompt_len: int, tool_constraint: Constraint | None = None) -> SamplingParams:
-    tokenizer = state.engine.engine.tokenizer
-    constraint = constraint_of(body)
-    if tool_constraint is not None and constraint is not None:
-        raise errors.APIError(400, "a required or named tool_choice cannot be combined with response_format",
-                              param="tool_choice", code="invalid_value")
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens or state.default_max_tokens(prompt_len), temperature=body.temperature,
-            top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty, stop=body.stop_strings(),
-            stop_token_ids=tuple(tokenizer.eos_ids), logprobs=logprobs, ignore_eos=body.ignore_eos,
-            logit_bias=logit_bias_of(body.logit_bias), constraint=tool_constraint or constraint)
-    except SamplingError as e:
-        raise errors.APIError(400, str(e), code="invalid_value") from None
-
-
-async def start(state: ServerState, tenant: Tenant, prompt_ids: list[int], params: SamplingParams, n: int,
-                session_id: str | None, request_id: str, resume_from: str | None = None
-                ) -> AsyncIterator[RequestOutput]:
-    """Submit the request and wait for its first output, so that refusals are HTTP errors.
-    `session_id` and `resume_from` are as the tenant names them."""
-    config = state.config
-    if not prompt_ids:
-        raise errors.APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
-    if len(prompt_ids) > config.max_prompt_tokens:
-        raise errors.APIError(400, f"the prompt has {len(prompt_ids)} tokens, more than this server's limit "
-                                   f"of {config.max_prompt_tokens}", param="messages", code="prompt_too_long")
-    if session_id is not None and n > 1:
-        raise errors.APIError(400, "n > 1 cannot be combined with a session", param="n")
-    if state.engine.num_in_flight() >= config.engine.max_waiting:
-        raise errors.APIError(429, "the server is busy; retry shortly", code="queue_full",
-                              headers={"Retry-After": "1"})
-    state.metrics.prompt_tokens.inc(len(prompt_ids))
-    stream = state.engine.generate(
-        prompt_ids, params, n=n, request_id=request_id,
-        session_id=tenant.store_id(session_id) if session_id is not None else None,
-        resume_from=tenant.store_id(resume_from) if resume_from is not None else None,
-        cache_salt=tenant.name)  # a tenant's prompts are not found in the prefix cache by another
-    try:
-        first = await stream.__anext__()
-    except SessionError as e:
-        raise session_api_error(e, tenant) from None
-    except EngineStopped as e:
-        raise errors.APIError(503, str(e), code="shutting_down") from None
-    except QueueFull as e:
-        raise errors.APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except ContextTooLong as e:
-        raise errors.APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
-    except ConstraintError as e:
-        param = "logit_bias" if "logit_bias" in str(e) else "response_format"
-        raise errors.APIError(400, str(e), param=param, code="invalid_value") from None
-    except EngineError as e:
-        raise errors.APIError(400, str(e), param="prompt") from None
-    return _prepend(first, stream)
-
-
-async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()  # a client that went away aborts the request
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        continue
-
-
-BACKGROUND: set[asyncio.Task] = set()  # tasks must be referenced until done, or they may be collected
-
-
-def schedule_abort(state: ServerState, rid: str) -> None:
-    """Abort a request in a task of its own: the caller may be a cancelled scope (a response
-    whose client went away), where an await would be cancelled too."""
-    job = asyncio.get_running_loop().create_task(state.engine.abort(rid))
-    BACKGROUND.add(job)
-    job.add_done_callback(BACKGROUND.discard)
-
-
-async def abort_on_disconnect(state: ServerState, rid: str, events: AsyncIterator[str]):
-    """Stream `events`; if the stream stops early (Starlette cancels it when the client goes away),
-    abort the request, freeing its slot and blocks (a session keeps what was read)."""
-    finished = False
-    try:
-        async for event in events:
-            yield event
-        finished = True
-    finally:
-        if not finished:
-            schedule_abort(state, rid)
-
-
-async def gather_unless_disconnected(request: Request, state: ServerState, rid: str,
-                                     stream: AsyncIterator[RequestOutput]) -> dict[int, "SampleResult"]:
-    # A plain JSON response does not watch its connection, so watch it here.
-    watcher = asyncio.create_task(wait_for_disconnect(request))
-    watcher.add_done_callback(lambda t: t.cancelled() or schedule_abort(state, rid))
-    try:
-        return await gather(state, stream)
-    finally:
-        watcher.cancel()
-
-
-@dataclass
-class SampleResult:
-    text: str = ""
-    finish_reason: str | None = None
-    num_tokens: int = 0
-    num_reused: int = 0
-    samples: list = field(default_factory=list)
-
-    def add(self, out: RequestOutput) -> None:
-        self.text += out.new_text
-        self.samples += out.logprobs
-        self.num_tokens, self.num_reused = out.num_output_tokens, out.num_reused_tokens
-        if out.finished:
-            self.finish_reason = out.finish_reason
-
-
-async def gather(state: ServerState, stream: AsyncIterator[RequestOutput]) -> dict[int, SampleResult]:
-    results: dict[int, SampleResult] = {}
-    async for out in stream:
-        results.setdefault(out.index, SampleResult()).add(out)
-    return results
-
-
-def chat_message(result: "SampleResult", parse_tools: bool) -> dict:
-    """A finished choice's message and finish_reason, its tool calls parsed out when asked."""
-    content, calls = parse_calls(result.text) if parse_tools else (result.text, [])
-    message = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-    reason = "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
-    return {"message": message, "finish_reason": reason}
-
-
-async def chat_events(state, stream, rid, body, num_prompt, parse_tools: bool = False):
-    created = int(time.time())
-    results: dict[int, SampleResult] = {}
-    parsers: dict[int, StreamingToolParser] = {}
-    chunk = functools.partial(chat_chunk, rid, created, state.model_name)
-    for i in range(body.n):
-        yield sse(chunk(i, {"role": "assistant", "content": ""}))
-    async for out in stream:
-        results.setdefault(out.index, SampleResult()).add(out)
-        logprobs = chat_logprobs(state.engine.engine.tokenizer, out.logprobs) if body.logprobs else None
-        text, calls = out.new_text, []
-        if parse_tools:
-            parser = parsers.setdefault(out.index, StreamingToolParser())
-            text, calls = parser.feed(out.new_text)
-            if out.finished:
-                text += parser.finish()
-        if text or logprobs:
-            yield sse(chunk(out.index, {"content": text}, logprobs=logprobs))
-        if calls:
-            yield sse(chunk(out.index, {"tool_calls": calls}))
-        if out.finished:
-            called = out.index in parsers and parsers[out.index].calls
-            reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
-            yield sse(chunk(out.index, {}, finish_reason=reason))
-    if body.stream_options and body.stream_options.include_usage:
-        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                   "choices": [], "usage": usage_body(num_prompt, results)})
-    yield "data: [DONE]\n\n"
-
-
-async def completion_events(state, stream, rid, body, num_prompt, echo):
-    created = int(time.time())
-    results: dict[int, SampleResult] = {}
-    if echo:
-        for i in range(body.n):
-            yield sse(completion_chunk(rid, created, state.model_name, i, echo))
-    async for out in stream:
-        results.setdefault(out.index, SampleResult()).add(out)
-        logprobs = (completion_logprobs(state.engine.engine.tokenizer, out.logprobs)
-                    if body.logprobs is not None else None)
-        if out.new_text or out.finished:
-            yield sse(completion_chunk(rid, created, state.model_name, out.index, out.new_text,
-                                       finish_reason=out.finish_reason if out.finished else None, logprobs=logprobs))
-    if body.stream_options and body.stream_options.include_usage:
-        yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                   "choices": [], "usage": usage_body(num_prompt, results)})
-    yield "data: [DONE]\n\n"
-
-
-def chat_logprobs(tokenizer, samples) -> dict:
-    def entry(token_id, logprob):
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-    return {"content": [{**entry(s.token, s.logprob),
-                         "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]} for s in samples]}
-
-
-def completion_logprobs(tokenizer, samples) -> dict:
-    tokens = [tokenizer.decode([s.token], skip_special_tokens=False) for s in samples]
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
-            "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): lp for t, lp in s.top_logprobs}
-                             for s in samples], "text_offset": offsets}

@@ -70,7 +70,8 @@ class ServerConfig:
 
     def model_overrides(self) -> dict:
         """`model_set` as a dict of model config keys."""
-        from models.config import ConfigError as ModelConfigError, parse_setting
+        from models.config import ConfigError as ModelConfigError
+        from models.config import parse_setting
         try:
             return dict(parse_setting(item) for item in self.model_set.split(",") if item.strip())
         except ModelConfigError as e:

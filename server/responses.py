@@ -24,6 +24,7 @@ from engine.store.backend import MemoryBackend, StoreBackend
 from . import errors
 from .auth import tenant_of
 from .protocol import ResponsesRequest
+from .requests import SampleResult, abort_on_disconnect, check_model, gather_unless_disconnected, start
 from .structured import from_text_format
 from .tenants import Tenant
 
@@ -69,7 +70,6 @@ class ResponseStore:
 
 
 def responses_router(state) -> APIRouter:
-    from .app import abort_on_disconnect, check_model, gather_unless_disconnected, start  # noqa: PLC0415
 
     router = APIRouter()
     sessions = state.engine.engine.sessions
@@ -147,7 +147,6 @@ def response_object(rid, created, model, body: ResponsesRequest, text, result, n
 
 async def stream_events(state, stream, rid, created, body, finish):
     """The Responses API's typed SSE events, ending with `response.completed`."""
-    from .app import SampleResult  # noqa: PLC0415
     seq = 0
 
     def event(kind: str, **fields) -> str:

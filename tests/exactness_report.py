@@ -16,10 +16,10 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # fla's kernels on the CPU
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from tests.reference_helpers import path_errors, save_reference, tokens  # noqa: E402
+import models
+from tests.reference_helpers import path_errors, save_reference, tokens
 
 
 def report(library: str, module) -> None:

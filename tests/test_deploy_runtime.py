@@ -16,8 +16,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server_helpers import MODEL_NAME, free_port, running_server, save_tiny_model, wait_until_ready
-from tests.test_deploy_static import (DEPLOY, METRIC_NAME, dashboard, dashboard_exprs, dockerfile_env,
-                                      dockerfile_instructions, exec_form, healthcheck_command, tool, yaml)
+from tests.test_deploy_static import (
+    DEPLOY,
+    METRIC_NAME,
+    dashboard,
+    dashboard_exprs,
+    dockerfile_env,
+    dockerfile_instructions,
+    exec_form,
+    healthcheck_command,
+    tool,
+    yaml,
+)
 
 MEMORY_CACHE = ("mcserve:checkpoint_blocks", "mcserve:checkpoint_bytes", "mcserve:cached_checkpoints",
                 "mcserve:sessions", "mcserve:session_bytes", "mcserve:evictions_total")

@@ -102,7 +102,7 @@ def disk_that_fills(how: str, store, server_pid=lambda: None):
             yield (lambda: fill(store)), (lambda: (store / "filler").unlink())
         return
     store.mkdir(parents=True, exist_ok=True)
-    limit = lambda soft: resource.prlimit(server_pid(), resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))  # noqa: E731
+    limit = lambda soft: resource.prlimit(server_pid(), resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
     yield (lambda: limit(1)), (lambda: limit(resource.RLIM_INFINITY))
 
 

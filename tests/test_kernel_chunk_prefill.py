@@ -39,7 +39,7 @@ def test_reference_is_the_models_chunked_memory():
     cfg = ModelConfig(memory="gla", d_model=8, n_heads=2)
     mem = build_memory(cfg)
     q, k, v, log_a, M0 = [t.cpu() for t in inputs(32, 2, 6, 10, "gla")]
-    chunks = lambda t: t.transpose(0, 1).unflatten(1, (2, 16))  # noqa: E731  [H,N,L,*]
+    chunks = lambda t: t.transpose(0, 1).unflatten(1, (2, 16))
     terms = mem.chunk_terms(chunks(q)[None], chunks(k)[None], chunks(v)[None],
                             log_a.transpose(0, 1).unflatten(1, (2, 16))[None], None)
     M, outs = M0[None], []
@@ -94,7 +94,7 @@ def test_terms_scan_kernel_matches_reference(memory, L, reset):
     beta = torch.rand(B, H, N, L, generator=g) if memory == "delta" else None
     with torch.no_grad():
         t = mem.chunk_terms(q, k, v, log_a, beta)
-    heads = lambda x: None if x is None else x.flatten(0, 1).to(DEVICE)  # noqa: E731
+    heads = lambda x: None if x is None else x.flatten(0, 1).to(DEVICE)
     args = [heads(x) for x in (t.q_decayed, t.attn, t.values, t.w, t.k_to_end, t.gamma_end)]
     M0 = torch.randn(B * H, 7, 9, generator=g).to(DEVICE)
     reset_after = torch.tensor([1, 0, 1], device=DEVICE) if reset else None

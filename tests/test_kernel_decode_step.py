@@ -12,14 +12,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def inputs(B, H, dk, dv, slots, memory, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g)
     state = rnd(slots, H, dk, dv)
     q = torch.nn.functional.normalize(rnd(B, H, dk), dim=-1)
     k = torch.nn.functional.normalize(rnd(B, H, dk), dim=-1)
     v = rnd(B, H, dv)
     log_a = torch.zeros(B, H) if memory == "linear" else -torch.rand(B, H, generator=g) * 0.2
     beta = torch.rand(B, H, generator=g) if memory == "delta" else None
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    to = lambda t: None if t is None else t.to(DEVICE)
     return [to(t) for t in (state, q, k, v, log_a, beta)]
 
 

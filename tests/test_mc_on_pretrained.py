@@ -2,7 +2,6 @@
 of a saved (or imported) model and trains only what MC adds, the connector u; `residual` needs
 no training and is a load-time setting; grm on a checkpoint without u is a clear error."""
 
-import json
 import subprocess
 import sys
 

@@ -424,6 +424,7 @@ def test_a_write_cut_short_by_a_vanished_block_leaves_nothing_pinned():
 
 def test_prefetch_never_replaces_a_state_whose_write_is_queued():
     import threading
+
     from engine.store.backend import MemoryBackend
     store = SessionStore("f" * 32, MemoryBackend())
     slot = {"online": torch.ones(2, 3)}

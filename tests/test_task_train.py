@@ -4,10 +4,10 @@ reproducible from its seed, and it learns."""
 import pytest
 import torch
 
-from models.config import ModelConfig
 from evals.mqar import IGNORE, MQARConfig, mqar_batch
 from evals.task_train import TaskTrainConfig, masked_loss, scored_loss, task_accuracy, train_on_task
 from evals.transformer import Transformer, TransformerConfig
+from models.config import ModelConfig
 from models.model import MCModel
 
 TASK = MQARConfig(vocab_size=32, seq_len=32, num_pairs=4)

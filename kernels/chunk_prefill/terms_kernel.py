@@ -57,7 +57,7 @@ def chunk_scan_terms_triton(q_decayed, attn, values, w, k_to_end, gamma_end, M0,
     states = torch.empty(BH, N, DK, DV, dtype=torch.float32, device=values.device)
     if reset_after is None:
         reset_after = torch.zeros(N, dtype=torch.int32, device=values.device)
-    f32 = lambda t: t.float().contiguous()  # noqa: E731
+    f32 = lambda t: t.float().contiguous()
     # tl.dot wants every dimension >= 16 on NVIDIA: pad the tiles (masked) up to it.
     block_v = max(16, min(MAX_BLOCK_V, triton.next_power_of_2(DV)))
     _terms_scan_kernel[(BH, triton.cdiv(DV, block_v))](
