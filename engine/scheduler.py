@@ -53,10 +53,6 @@ class StepPlan:
     prefills: list[PrefillWork] = field(default_factory=list)
     decodes: list[DecodeWork] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(p.tokens) for p in self.prefills) + len(self.decodes)
-
 
 class Scheduler:
     def __init__(self, config: EngineConfig, segment_size: int):
@@ -122,7 +118,7 @@ class Scheduler:
                     plan.prefills.append(work)
                     budget -= len(work.tokens)
         self._swap_in(plan)
-        budget = self._admit(plan, budget)
+        self._admit(plan, budget)
         return plan
 
     def _remaining(self, seq: Sequence) -> int:
@@ -217,7 +213,7 @@ class Scheduler:
             self.num_swapped_in += 1
             self.running.append(seq)
 
-    def _admit(self, plan: StepPlan, budget: int) -> int:
+    def _admit(self, plan: StepPlan, budget: int) -> None:
         while self.free_slots and budget > 0:
             seq = next((s for s in self.waiting if self._ready(s)), None)
             if seq is None or not self._take_state(seq, plan):
@@ -234,7 +230,6 @@ class Scheduler:
             else:
                 plan.prefills.append(work)
             budget -= plan_tokens(work)
-        return budget
 
     @staticmethod
     def _ready(seq: Sequence) -> bool:

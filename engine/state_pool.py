@@ -1,7 +1,7 @@
 """StatePool: bookkeeping for segment-checkpoint blocks (PagedAttention for compressed states).
 
 One block holds one segment checkpoint of one sequence, all layers (the ModelRunner owns the
-tensors; this file imports no torch). Blocks live in tiers (device, host, disk), each a fixed
+tensors; this file imports no torch). Blocks live in tiers (device, host), each a fixed
 number of slots with its own free list.
 
 Prefix reuse: a finished block is published under a hash chained over its segment's token ids
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host")
 
 
 class PoolExhausted(RuntimeError):
@@ -161,10 +161,8 @@ class StatePool:
     (src_id, dst_id) pairs the ModelRunner must copy *before* the source slots are reused.
     """
 
-    def __init__(self, device_blocks: int, host_blocks: int = 0, disk_blocks: int = 0):
-        self.tiers = {"device": TierAllocator("device", device_blocks),
-                      "host": TierAllocator("host", host_blocks),
-                      "disk": TierAllocator("disk", disk_blocks)}
+    def __init__(self, device_blocks: int, host_blocks: int = 0):
+        self.tiers = {"device": TierAllocator("device", device_blocks), "host": TierAllocator("host", host_blocks)}
         self.prefix_queries = 0   # segments looked up
         self.prefix_hits = 0      # segments found
 

@@ -18,14 +18,14 @@ Public API, used by the engine, the trainer and the tests:
 from pathlib import Path
 
 from .config import AGGREGATIONS, BOUNDARIES, MEMORIES, ConfigError, ModelConfig
-from .io import ModelLoadError, build, load, read_config, save
+from .io import ModelLoadError, build, load, save
 from .model import MCModel
 from .state import LayerState, MCState, StateError
 from .tokenizer import Tokenizer, TokenizerError, byte_tokenizer
 
 __all__ = [
     "AGGREGATIONS", "BOUNDARIES", "MEMORIES", "ConfigError", "ModelConfig", "ModelLoadError",
-    "build", "load", "read_config", "save", "MCModel", "LayerState", "MCState", "StateError",
+    "build", "load", "save", "MCModel", "LayerState", "MCState", "StateError",
     "Tokenizer", "TokenizerError", "byte_tokenizer", "DEFAULT_MODEL", "default_model_path",
 ]
 

@@ -172,12 +172,6 @@ def _load_tokenizer(path: Path, config: ModelConfig, required: bool, foreign: di
     return tokenizer
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    """The config of a saved model, without loading weights."""
-    file = Path(path) / CONFIG_FILE
-    return _config_from(_read_json(file), file)
-
-
 def _chat_template(settings: dict) -> str | None:
     """tokenizer_config.json's chat template: a string, or a list of named ones ("default")."""
     template = settings.get("chat_template")
