@@ -1,1 +1,1 @@
-"""mcserve engine: scheduler, paged checkpoint store, sessions (DESIGN.md section 2)."""
+"""mcserve engine: scheduler, paged checkpoint store, sessions (docs/design.md section 2)."""

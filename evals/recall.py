@@ -100,7 +100,7 @@ QUICK = dict(aggregations=("none", "grm"), memories=("gla",), d_model=64, n_head
 
 # Aggregations whose training is the very same computation as another's: for matrix memories the
 # soup's read-out (sum_j g_j M_j)^T q is grm's sum_j g_j M_j^T q, and the chunked training path
-# computes both the same way (DESIGN.md section 1; test_model_identities proves it). So the grid
+# computes both the same way (docs/design.md section 1; test_model_identities proves it). So the grid
 # trains grm once and scores those weights as soup too, through soup's own read-out.
 TRAINS_AS = {"soup": "grm"}
 

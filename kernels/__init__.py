@@ -1,4 +1,4 @@
-"""mcserve kernels: Triton kernels beside their torch references (DESIGN.md section 3)."""
+"""mcserve kernels: Triton kernels beside their torch references (docs/design.md section 3)."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""mcserve models: the Memory Caching recurrent LM (DESIGN.md section 1).
+"""mcserve models: the Memory Caching recurrent LM (docs/design.md section 1).
 
 Public API, used by the engine, the trainer and the tests:
 

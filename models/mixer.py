@@ -5,7 +5,7 @@
 layer's output). `MCMixer` is mcserve's own parametrisation; models/mamba2.py is transformers'
 Mamba2. The engine reaches every one through the same two methods.
 
-- `naive`: a token loop written straight from the equations (DESIGN.md section 1), the reference;
+- `naive`: a token loop written straight from the equations (docs/design.md section 1), the reference;
 - `chunked`: the parallel form over a whole chunk of tokens, starting from any state (training,
   prefill); chunks never straddle a segment boundary, so checkpoints fall out at chunk ends;
 - `step`: one token for a batch of states (decode), vectorised over the cached checkpoints;

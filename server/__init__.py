@@ -1,1 +1,1 @@
-"""mcserve server: the OpenAI-compatible HTTP layer and the `mcserve` command (DESIGN.md section 4)."""
+"""mcserve server: the OpenAI-compatible HTTP layer and the `mcserve` command (docs/design.md section 4)."""

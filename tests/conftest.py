@@ -1,4 +1,4 @@
-"""Test setup: Triton runs in interpreter mode when there is no GPU (DESIGN.md section 3).
+"""Test setup: Triton runs in interpreter mode when there is no GPU (docs/design.md section 3).
 
 TRITON_INTERPRET must be set before the first `import triton`, so it is done here, at the top.
 """

@@ -1,4 +1,4 @@
-"""The identities of DESIGN.md section 1, checked on every path."""
+"""The identities of docs/design.md section 1, checked on every path."""
 
 import pytest
 import torch

@@ -21,23 +21,25 @@ def _decode_step_kernel(state, slot_ids, q, k, v, log_a, beta, out,
     h = tl.program_id(1)
     vb = tl.program_id(2)
     slot = tl.load(slot_ids + b)
-    live = slot >= 0  # padded rows (-1) read and write nothing; masks, not an early return
-    slot = tl.cast(tl.maximum(slot, 0), tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_k = (offs_k < DK) & live
-    mask_v = (offs_v < DV) & live
+    # Padded rows (slot -1) read and write nothing: masks, not an early return. Built as vectors:
+    # a vector & a scalar bool is refused by triton 3.9's interpreter ("mask has unsupported dtype").
+    mask_k = (offs_k < DK) & (offs_k * 0 + slot >= 0)
+    mask_v = (offs_v < DV) & (offs_v * 0 + slot >= 0)
+    slot = tl.cast(tl.maximum(slot, 0), tl.int64)
     row = b * H + h
     q_t = tl.load(q + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     k_t = tl.load(k + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     v_t = tl.load(v + row * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-    a = tl.exp(tl.load(log_a + row, mask=live, other=0.0).to(tl.float32))
+    # Scalars load unmasked: every row has them, and a padded row's are never used.
+    a = tl.exp(tl.load(log_a + row).to(tl.float32))
     base = state + (slot * H + h) * DK * DV
     ptrs = base + offs_k[:, None] * DV + offs_v[None, :]
     tile_mask = mask_k[:, None] & mask_v[None, :]
     M = tl.load(ptrs, mask=tile_mask, other=0.0)
     if IS_DELTA:
-        w = tl.load(beta + row, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(beta + row).to(tl.float32)
         recalled = tl.sum(k_t[:, None] * M, axis=0)                     # k^T M, [BLOCK_V]
         M = a * (M - w * k_t[:, None] * recalled[None, :]) + w * k_t[:, None] * v_t[None, :]
     else:

@@ -29,8 +29,7 @@ def _segment_end_kernel(online, slot_ids, end_blocks, ckpt_pool, H: tl.constexpr
     h = tl.program_id(1)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     end = tl.load(end_blocks + b)
-    live = end >= 0
-    mask = (offs < SIZE) & live
+    mask = (offs < SIZE) & (offs * 0 + end >= 0)  # a vector, not & a scalar bool (triton 3.9's interpreter)
     slot = tl.cast(tl.load(slot_ids + b), tl.int64)
     src = online + (slot * H + h) * SIZE + offs
     M = tl.load(src, mask=mask, other=0.0)
