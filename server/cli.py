@@ -95,6 +95,27 @@ TRAIN_OPTIONS = {"tokenizer": str, "vocab_size": int, "steps": int, "batch_size"
                  "train_only": str}
 
 
+TRAIN_HELP = {
+    "tokenizer": "an existing tokenizer.json; without one a byte-level BPE is trained on the data",
+    "vocab_size": "vocabulary of the trained tokenizer, in tokens", "steps": "optimizer steps",
+    "batch_size": "sequences per step", "seq_len": "tokens per sequence", "lr": "peak learning rate",
+    "min_lr_ratio": "the cosine schedule's floor, as a share of lr", "warmup": "linear warm-up, in steps",
+    "weight_decay": "AdamW's decoupled weight decay", "grad_clip": "gradient norm clip",
+    "dtype": "training precision: fp32 or bf16 (autocast)", "val_fraction": "share of the text held out",
+    "val_every": "steps between validations", "val_batches": "batches per validation",
+    "ckpt_every": "steps between checkpoints (exact resume)", "seed": "seed of data order and initialization",
+    "device": "auto (cuda if visible), cpu or cuda", "init_from": "a saved or imported model to start from",
+    "train_only": "all, or mc: freeze the model and train only what Memory Caching adds",
+}
+
+
+def train_defaults() -> dict:
+    import dataclasses
+
+    from models.train import TrainConfig
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in TRAIN_OPTIONS}
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
     from models.config import ConfigError, parse_setting
     try:
@@ -177,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a continuation of a prompt to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--model", help="model directory (default: the bundled model)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1] (default: 0.95)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = off (default: 0)")
+    gen.add_argument("--min-p", type=float, default=0.0,
+                     help="drop tokens under this share of the likeliest one's probability; 0 = off (default: 0)")
+    gen.add_argument("--seed", type=int, help="seed of the sampler (default: none, a fresh draw each run)")
     gen.add_argument("--chat", action="store_true", help="render the prompt as a user turn of the chat template")
     gen.add_argument("--system", help="system message for --chat")
     gen.set_defaults(func=cmd_generate)
@@ -197,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.epilog = ("--init-from DIR starts from a saved or imported model (and its tokenizer); --train-only mc "
                     "freezes it and trains only what Memory Caching adds, e.g. --init-from DIR --train-only mc "
                     "--set aggregation=grm")
+    defaults = train_defaults()
     for name, kind in TRAIN_OPTIONS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+        train.add_argument("--" + name.replace("_", "-"), type=kind, dest=name,
+                           help=f"{TRAIN_HELP[name]} (default: {defaults[name]!r})")
     train.set_defaults(func=cmd_train)
     return parser
 
