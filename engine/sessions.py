@@ -258,8 +258,9 @@ class SessionStore:
         check_session_id(session_id)
         with self.lock:
             cached = self.memory.get(session_id)
-            if cached is not None and self.pending[session_id] > 0:
-                return self._state(cached.manifest, cached.slot, self._cached_blocks(cached.manifest))
+            pending = cached is not None and self.pending[session_id] > 0
+        if pending:
+            return self._state(cached.manifest, cached.slot, self._blocks_of(cached.manifest))
         data = self._backend(self.backend.get, "manifest", session_id)
         if data is None:
             return self._convert_v1(session_id)
@@ -275,9 +276,11 @@ class SessionStore:
         self._backend(self.backend.touch, "manifest", session_id)  # its recency, for every replica's eviction
         with self.lock:
             cached = self.memory.get(session_id)
-            if cached is not None and cached.digest == digest:
+            hit = cached is not None and cached.digest == digest
+            if hit:
                 self.index.touch(session_id, time.time())
-                return self._state(manifest, cached.slot, self._cached_blocks(manifest))
+        if hit:
+            return self._state(manifest, cached.slot, self._blocks_of(manifest))
         return self._load(manifest, digest, len(data))
 
     def prefetch(self, session_id: str) -> None:
@@ -335,12 +338,20 @@ class SessionStore:
             self.index.touch(manifest.session_id, time.time())
         return self._state(manifest, slot, blocks)
 
-    def _cached_blocks(self, manifest: Manifest) -> list[Tensors]:
+    def _blocks_of(self, manifest: Manifest) -> list[Tensors]:
+        """A cached manifest's blocks: from the memory tier, or from the store for those it does
+        not hold (a block another session stored first is not given to `put` again, so it is
+        cached only if that session still is). A damaged block ends the list there (counted)."""
         blocks = []
         for key in manifest.blocks:
-            tensors = self.memory.block(key)
+            with self.lock:
+                tensors = self.memory.block(key)
             if tensors is None:
-                break
+                try:
+                    tensors = decode_blob(self._backend(self.backend.get, "block", key), {"kind": "block", "key": key})
+                except IntegrityError as e:
+                    self._integrity_error(e, manifest.session_id)
+                    break
             blocks.append(tensors)
         return blocks
 

@@ -145,6 +145,23 @@ def test_a_durable_turn_is_on_disk_when_its_output_is_final(model, tmp_path):
         assert all(o.persisted is None for o in lazy.step())
 
 
+def test_a_session_whose_blocks_another_session_stored_first_resumes_whole(model, tmp_path):
+    # Found by the soak: "b" shares its prefix with "a", whose blocks the store already holds, so
+    # b's turn hands none of them to the store again. Resuming b (cached in memory, the store's
+    # blocks not) must still read all of them, not restart at the first one the memory lacks.
+    engine = engine_for(model, tmp_path)
+    turn1 = run(engine, P1 + USER2, "a")
+    engine.sessions.flush()
+    engine = engine_for(model, tmp_path)  # a restart: the store holds a's blocks, the memory nothing
+    first = run(engine, P1 + USER2, "b")
+    engine.sessions.flush()
+    p2 = P1 + USER2 + first.output_ids + USER2
+    second = run(engine, p2, "b")
+    assert second.num_reused_tokens == len(P1 + USER2) + len(first.output_ids) - 1  # the whole saved turn
+    assert second.output_ids == fresh_output(model, p2)
+    assert turn1.output_ids == first.output_ids
+
+
 DAMAGE = ["block_truncated", "block_flipped", "block_missing", "slot_flipped", "manifest_flipped"]
 
 
