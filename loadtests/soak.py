@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(args.log) if args.log else work / "server.log"
         try:
             report = asyncio.run(soak(args, work, log, began))
-        except Exception:  # the server would not start again, or a bug here: no verdict, but what happened
+        except Exception:  # noqa: BLE001 - the server would not start again, or a bug here: say what happened
             traceback.print_exc()
             print(f"soak: the run broke off; the server's log ({log}), access lines left out:\n{log_tail(log)}",
                   file=sys.stderr)
