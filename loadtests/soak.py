@@ -141,7 +141,7 @@ async def soak(args, work: Path, log: Path, began: float) -> dict:
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=pool) as client:
             model = (await client.get("/v1/models")).json()["data"][0]["id"]
-            ledger = Ledger(models.read_config(model_dir).segment_size)
+            ledger = Ledger(segment_size(model_dir))
             mix = Mix(keep_sessions=args.keep_sessions)
             traffic = Traffic(client, model, ledger, mix, args.seed, args.max_requests)
             sampler = asyncio.create_task(sample_every(monitor, args.sample_every_s))
@@ -198,6 +198,11 @@ def log_tail(log: Path, lines: int = 80) -> str:
         return ""
     said = [line for line in log.read_text(errors="replace").splitlines() if not ACCESS_LINE.match(line)]
     return "\n".join(said[-lines:])
+
+
+def segment_size(model_dir: Path) -> int:
+    """From the model's config.json (mcserve's own format: the tiny model or the bundled one)."""
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["segment_size"])
 
 
 def main(argv: list[str] | None = None) -> int:
