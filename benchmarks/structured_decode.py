@@ -1,5 +1,5 @@
 """What a JSON schema constraint costs the decode loop: tokens/s at batch 1 and 32 on the bundled
-model, with and without the constraint, run side by side (interleaved, median of repeats).
+model, with and without the constraint, run side by side (interleaved in ABBA order, median of repeats).
 
     python -m benchmarks.structured_decode [--tokens 128] [--batches 1,32] [--repeats 3]
 
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [tok.encode(f"{text} ({i})") for i in range(batch)]
         run(engine, prompts[:1], free)  # warm-up
         runs = {"free": [], "json_schema": []}
-        for _ in range(args.repeats):
-            runs["free"].append(run(engine, prompts, free))
-            runs["json_schema"].append(run(engine, prompts, constrained))
+        for r in range(args.repeats):  # ABBA order: a drift of the machine falls on both alike
+            order = [("free", free), ("json_schema", constrained)]
+            for name, params in order if r % 2 == 0 else order[::-1]:
+                runs[name].append(run(engine, prompts, params))
         free_tps, json_tps = (statistics.median(runs[k]) for k in ("free", "json_schema"))
         print(json.dumps({"batch": batch, "free_tok_s": round(free_tps, 1), "json_schema_tok_s": round(json_tps, 1),
                           "cost": round(1 - json_tps / free_tps, 3), "runs": runs}))

@@ -13,6 +13,7 @@ CPU; the sampler applies them on whatever device the logits are on.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,7 +41,9 @@ class Grammars:
         self.llg, self.llg_torch = llguidance, llguidance.torch
         self.tokenizer = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=vocab_size,
                                                 eos_token=list(tokenizer.eos_ids))
-        self.executor = llguidance.LLExecutor()
+        # Masks in parallel only where there are cores to spare: on a small machine the pool's
+        # threads would take them from the model's own.
+        self.executor = llguidance.LLExecutor() if (os.cpu_count() or 1) >= 8 else None
         self.vocab_size = vocab_size
         self._compiled: OrderedDict[Constraint, str] = OrderedDict()
 
@@ -99,8 +102,12 @@ def allowed_tokens(matchers: list[Matcher], vocab: int, device) -> torch.Tensor:
     filled into one bitmask on the CPU (in parallel), moved once and unpacked once."""
     grammars = matchers[0].grammars
     bitmask = grammars.llg_torch.allocate_token_bitmask(len(matchers), grammars.vocab_size)
-    grammars.llg_torch.fill_next_token_bitmask_par(grammars.executor, [(m.state, i) for i, m in enumerate(matchers)],
-                                                   bitmask)
+    if grammars.executor is not None:
+        grammars.llg_torch.fill_next_token_bitmask_par(grammars.executor, [(m.state, i) for i, m in enumerate(matchers)],
+                                                       bitmask)
+    else:
+        for i, m in enumerate(matchers):
+            grammars.llg_torch.fill_next_token_bitmask(m.state, bitmask, i)
     return unpack_bitmask(bitmask.to(device), vocab)
 
 
