@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import models
 from tests.redis_helpers import redis_server
 from tests.server_helpers import ServerProcess
 
-TEXT = (models.default_model_path().parents[1] / "eval" / "data" / "haystack.txt").read_text()
+TEXT = (Path(__file__).resolve().parents[1] / "evals" / "data" / "haystack.txt").read_text()
 MODEL = "mc-gla-grm-small"
 
 
