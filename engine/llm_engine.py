@@ -387,7 +387,7 @@ class LLMEngine:
                 t.num_used, t.num_cached, len(t.free_ids)
         return EngineStats(
             num_running=len(sched.running), num_waiting=len(sched.waiting), num_swapped=len(sched.swapped),
-            num_free_slots=len(sched.free_slots), blocks=blocks, block_nbytes=self.runner.block_nbytes(),
+            num_free_slots=len(sched.free_slots), blocks=blocks, block_nbytes=self.runner.block_nbytes,
             prefix_query_tokens=pool.prefix_queries * S, prefix_hit_tokens=pool.prefix_hits * S,
             block_evictions=pool.device.evictions, num_swapped_out=sched.num_swapped_out,
             num_swapped_in=sched.num_swapped_in, num_recomputed=sched.num_recomputed, num_steps=self._num_steps)

@@ -17,6 +17,8 @@ moves data in and out of the pools.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from models import MCModel
@@ -65,7 +67,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self) if config.cuda_graphs and self.use_triton and self.device.type == "cuda" else None
 
     # --- sizes -----------------------------------------------------------------------------
+    @functools.cached_property
     def block_nbytes(self) -> int:
+        """Bytes of one checkpoint block, all layers (fixed: read by every stats snapshot)."""
         return sum(t[:, 0].numel() * t.element_size() for t in self.blocks.values())
 
     # --- slots -----------------------------------------------------------------------------

@@ -310,13 +310,8 @@ class SessionStore:
             with self.lock:
                 tensors = self.memory.block(key)
             if tensors is None:
-                try:
-                    tensors = decode_blob(self._backend(self.backend.get, "block", key),
-                                          {"kind": "block", "key": key})
-                except IntegrityError as e:
-                    if strict:
-                        raise
-                    self._integrity_error(e, manifest.session_id)
+                tensors = self._read_block(key, manifest.session_id, strict)
+                if tensors is None:
                     break
                 fresh[key] = (tensors, tensors_nbytes(tensors))
             blocks.append(tensors)
@@ -346,14 +341,21 @@ class SessionStore:
         for key in manifest.blocks:
             with self.lock:
                 tensors = self.memory.block(key)
-            if tensors is None:
-                try:
-                    tensors = decode_blob(self._backend(self.backend.get, "block", key), {"kind": "block", "key": key})
-                except IntegrityError as e:
-                    self._integrity_error(e, manifest.session_id)
-                    break
+            if tensors is None and (tensors := self._read_block(key, manifest.session_id)) is None:
+                break
             blocks.append(tensors)
         return blocks
+
+    def _read_block(self, key: str, session_id: str, strict: bool = False) -> Tensors | None:
+        """A block from the store; None if it is damaged or missing (counted), which ends the
+        session's usable prefix there; with `strict`, IntegrityError instead."""
+        try:
+            return decode_blob(self._backend(self.backend.get, "block", key), {"kind": "block", "key": key})
+        except IntegrityError as e:
+            if strict:
+                raise
+            self._integrity_error(e, session_id)
+            return None
 
     def _state(self, manifest: Manifest, slot: Tensors | None, blocks: list[Tensors]) -> SessionState:
         whole = len(blocks) == len(manifest.blocks)
