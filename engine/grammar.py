@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class Grammars:
 
     CACHED = 256
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, overlap: bool = True):
         import llguidance
         import llguidance.torch
         self.llg, self.llg_torch = llguidance, llguidance.torch
@@ -45,6 +46,9 @@ class Grammars:
         # threads would take them from the model's own.
         self.executor = llguidance.LLExecutor() if (os.cpu_count() or 1) >= 8 else None
         self.vocab_size = vocab_size
+        # Masks are filled beside the forward where a core is free for it (a GPU forward leaves
+        # the CPU idle); on a CPU whose every core runs the model, a thread only adds a handoff.
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks") if overlap else None
         self._compiled: OrderedDict[Constraint, str] = OrderedDict()
 
     def compile(self, constraint: Constraint) -> str:
@@ -75,6 +79,26 @@ class Grammars:
                 raise
             raise GrammarError(f"cannot compile the {what}: {first_line(str(e))}") from None
 
+    def fill_masks(self, matchers: list["Matcher"]) -> Future:
+        """Start filling the tokens each matcher allows next, as one int32 bitmask [B, ceil(V/32)],
+        on the grammar thread if there is one: llguidance drops the GIL, so the engine runs the
+        step's forward meanwhile. The matchers must not move until the future is done."""
+        states = [m.state for m in matchers]
+        if self._filler is not None:
+            return self._filler.submit(self._fill, states)
+        done = Future()
+        done.set_result(self._fill(states))
+        return done
+
+    def _fill(self, states: list) -> torch.Tensor:
+        bitmask = self.llg_torch.allocate_token_bitmask(len(states), self.vocab_size)
+        if self.executor is not None:
+            self.llg_torch.fill_next_token_bitmask_par(self.executor, [(s, i) for i, s in enumerate(states)], bitmask)
+        else:
+            for i, state in enumerate(states):
+                self.llg_torch.fill_next_token_bitmask(state, bitmask, i)
+        return bitmask
+
     def matcher(self, grammar: str) -> "Matcher":
         state = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if state.is_error():
@@ -97,22 +121,13 @@ class Matcher:
         return self.state.is_stopped()
 
 
-def allowed_tokens(matchers: list[Matcher], vocab: int, device) -> torch.Tensor:
-    """The tokens each matcher allows next, bool [B, V] on `device`: the batch's masks are
-    filled into one bitmask on the CPU (in parallel), moved once and unpacked once."""
-    grammars = matchers[0].grammars
-    bitmask = grammars.llg_torch.allocate_token_bitmask(len(matchers), grammars.vocab_size)
-    if grammars.executor is not None:
-        grammars.llg_torch.fill_next_token_bitmask_par(grammars.executor, [(m.state, i) for i, m in enumerate(matchers)],
-                                                       bitmask)
-    else:
-        for i, m in enumerate(matchers):
-            grammars.llg_torch.fill_next_token_bitmask(m.state, bitmask, i)
-    return unpack_bitmask(bitmask.to(device), vocab)
-
-
 def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "invalid"
+
+
+def banned_tokens(bitmask: torch.Tensor, vocab: int, device) -> torch.Tensor:
+    """The tokens a filled bitmask refuses, bool [B, V] on `device`: moved once, unpacked once."""
+    return ~unpack_bitmask(bitmask.to(device), vocab)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ finished sequences hand back their slots and blocks.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,8 @@ from models import MCModel
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .grammar import GrammarError, Grammars, Matcher, allowed_tokens
+from .grammar import GrammarError, Grammars, Matcher, banned_tokens
+from .host_memory import hold_freed_memory
 from .model_runner import ModelRunner
 from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
@@ -70,6 +72,7 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, model: MCModel, config: EngineConfig | None = None,
                  sessions: SessionStore | None = None):
+        hold_freed_memory()
         self.model = model
         self.sessions = sessions
         self.config = config or EngineConfig()
@@ -140,7 +143,8 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ConstraintError("structured outputs need the model's tokenizer")
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, vocab)
+            spare_core = self.runner.device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+            self._grammars = Grammars(self.tokenizer, vocab, overlap=spare_core)
         try:
             return self._grammars.matcher(self._grammars.compile(params.constraint))
         except GrammarError as e:
@@ -262,19 +266,26 @@ class LLMEngine:
         self._num_steps += 1
         plan = self.scheduler.schedule()
         self._move_states(plan)
-        sampled = self._execute(plan)
+        samplers = sampling_sequences(plan)
+        masks = self._start_grammar_masks(samplers)  # filled while the forward runs
+        logits = self._execute(plan)
         self.scheduler.update_after_step(plan)
-        masks = self._grammar_masks([seq for seq, _ in sampled])
-        return [self._emit(seq, logits, masks.get(seq.request_id)) for seq, logits in sampled]
+        banned = self._finish_grammar_masks(masks)
+        return [self._emit(seq, row, banned.get(seq.request_id)) for seq, row in zip(samplers, logits)]
 
-    def _grammar_masks(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        """The tokens each constrained sequence may sample now, filled for the batch at once."""
+    def _start_grammar_masks(self, seqs: list[Sequence]) -> tuple[list[str], Future] | None:
         constrained = [s.request_id for s in seqs if s.request_id in self._matchers]
         if not constrained:
+            return None
+        return constrained, self._grammars.fill_masks([self._matchers[r] for r in constrained])
+
+    def _finish_grammar_masks(self, masks: tuple[list[str], Future] | None) -> dict[str, torch.Tensor]:
+        """The tokens each constrained sequence may not sample now."""
+        if masks is None:
             return {}
-        allowed = allowed_tokens([self._matchers[r] for r in constrained], self.model.config.vocab_size,
-                                 self.runner.device)
-        return dict(zip(constrained, allowed))
+        constrained, bitmask = masks
+        banned = banned_tokens(bitmask.result(), self.model.config.vocab_size, self.runner.device)
+        return dict(zip(constrained, banned))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion; the generated ids of each, in order."""
@@ -302,31 +313,29 @@ class LLMEngine:
         for slot, last_block in plan.slot_inits:
             self.runner.init_slot(slot, last_block)
 
-    def _execute(self, plan: StepPlan) -> list[tuple[Sequence, torch.Tensor]]:
-        sampled = []
+    def _execute(self, plan: StepPlan) -> list[torch.Tensor]:
+        """Run the plan's forwards; the logits of each sampling sequence (sampling_sequences' order)."""
+        logits = []
         now = time.monotonic()
         for work in plan.prefills:
             work.seq.first_scheduled_time = work.seq.first_scheduled_time or now
-            logits = self.runner.prefill(work.seq.slot, work.seq.block_table, work.start, work.tokens,
-                                         work.new_blocks)
+            out = self.runner.prefill(work.seq.slot, work.seq.block_table, work.start, work.tokens, work.new_blocks)
             if work.samples:
-                sampled.append((work.seq, logits))
+                logits.append(out)
         if plan.decodes:
             for work in plan.decodes:
                 work.seq.first_scheduled_time = work.seq.first_scheduled_time or now
-            logits = self.runner.decode([d.seq.slot for d in plan.decodes],
-                                        [d.seq.block_table for d in plan.decodes],
-                                        [d.position for d in plan.decodes],
-                                        [d.token for d in plan.decodes],
-                                        [d.new_block for d in plan.decodes])
-            # A decode step is also the last prompt token of a one-token remainder.
-            sampled += [(d.seq, row) for d, row in zip(plan.decodes, logits)
-                        if d.position == d.seq.num_tokens - 1]
-        return sampled
+            rows = self.runner.decode([d.seq.slot for d in plan.decodes],
+                                      [d.seq.block_table for d in plan.decodes],
+                                      [d.position for d in plan.decodes],
+                                      [d.token for d in plan.decodes],
+                                      [d.new_block for d in plan.decodes])
+            logits += [row for d, row in zip(plan.decodes, rows) if d.samples]
+        return logits
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> RequestOutput:
+    def _emit(self, seq: Sequence, logits: torch.Tensor, banned: torch.Tensor | None = None) -> RequestOutput:
         params = seq.params
-        choice = sample(logits, params, self._generators[seq.request_id], seq.prompt_ids, seq.output_ids, allowed)
+        choice = sample(logits, params, self._generators[seq.request_id], seq.prompt_ids, seq.output_ids, banned)
         matcher = self._matchers.get(seq.request_id)
         seq.first_token_time = seq.first_token_time or time.monotonic()
         reason = None
@@ -394,3 +403,8 @@ class LLMEngine:
 
 
 __all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "ContextTooLong", "SequenceStatus"]
+
+
+def sampling_sequences(plan: StepPlan) -> list[Sequence]:
+    """The sequences that sample a token in this step, in the order _execute gives their logits."""
+    return [w.seq for w in plan.prefills if w.samples] + [d.seq for d in plan.decodes if d.samples]

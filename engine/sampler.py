@@ -77,13 +77,13 @@ class Sample:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           prompt_ids: list[int] = (), output_ids: list[int] = (), allowed: torch.Tensor | None = None) -> Sample:
-    """One token from logits [V], among the `allowed` ones (bool [V], a grammar's) if given;
+           prompt_ids: list[int] = (), output_ids: list[int] = (), banned: torch.Tensor | None = None) -> Sample:
+    """One token from logits [V], never one that `banned` (bool [V], a grammar's) refuses;
     logprobs on request are of the model's own distribution, before any of that steering."""
     logits = logits.float()
     steered = apply_logit_bias(apply_penalties(logits, params, list(prompt_ids), list(output_ids)), params)
-    if allowed is not None:
-        steered = steered.masked_fill(~allowed, float("-inf"))
+    if banned is not None:
+        steered = steered.masked_fill(banned, float("-inf"))
     token = sample_next(steered, params, generator)
     if params.logprobs is None:
         return Sample(token)

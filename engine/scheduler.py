@@ -40,6 +40,11 @@ class DecodeWork:
     position: int
     new_block: int | None
 
+    @property
+    def samples(self) -> bool:
+        """Samples unless still reading the prompt (a one-token remainder runs as a decode)."""
+        return self.position == self.seq.num_tokens - 1
+
 
 @dataclass
 class StepPlan:

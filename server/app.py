@@ -24,12 +24,20 @@ from .limits import BodyLimit
 from .logs import RequestIdMiddleware
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .requests import ServerState, abort_on_disconnect, check_model, gather_unless_disconnected, sampling_params, start
+from .requests import (
+    ServerState,
+    abort_on_disconnect,
+    chat_prompt,
+    check_model,
+    gather_unless_disconnected,
+    sampling_params,
+    start,
+)
 from .responses import responses_router
 from .sessions import guarded, no_session, session_card, session_header, session_of, sessions_of, store_session_id
 from .streaming import chat_events, chat_logprobs, chat_message, completion_events, completion_logprobs, usage_body
 from .tenants import TenantDirectory
-from .tools import plan_tools
+from .tokenize import tokenize_router
 
 VERSION = "0.1.0"
 
@@ -80,9 +88,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(state, body.model)
         tokenizer = engine.engine.tokenizer
-        tools = plan_tools(body, tokenizer.renders_tools)
-        messages = [m.for_template() for m in body.messages]
-        prompt_ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools.tools))
+        prompt = chat_prompt(tokenizer, body)
+        prompt_ids, tools = prompt.ids, prompt.tools
         params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens,
                                  body.top_logprobs if body.logprobs else None, len(prompt_ids), tools.constraint)
         session_id = session_of(body, request)
@@ -152,6 +159,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str,
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     app.include_router(responses_router(state))
+    app.include_router(tokenize_router(state))
     return app
 
 

@@ -1,5 +1,5 @@
-"""The gate in front of /v1/*: who the caller is (its tenant) and whether it may start one more
-request. Probes (/health, /version) and /metrics stay open.
+"""The gate in front of /v1/*, /tokenize and /detokenize: who the caller is (its tenant) and
+whether it may start one more request. Probes (/health, /version) and /metrics stay open.
 
 Plain ASGI, not BaseHTTPMiddleware, whose wrapped `receive` would report a disconnect that did
 not happen. A request counts against its tenant until its response has been sent in full,
@@ -20,7 +20,7 @@ class TenantGate:
         self.in_flight: Counter = Counter()  # tenant name -> requests (the event loop's thread only)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not gated(scope["path"]):
             await self.app(scope, receive, send)
             return
         tenant = self.tenants.authenticate(dict(scope["headers"]).get(b"authorization", b""))
@@ -46,3 +46,8 @@ class TenantGate:
 
 def tenant_of(request) -> Tenant:
     return request.state.tenant
+
+
+def gated(path: str) -> bool:
+    """The API's paths: /v1/* and vLLM's /tokenize and /detokenize (the probes stay open)."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")

@@ -19,6 +19,8 @@ from pydantic.json_schema import models_json_schema
 
 from engine.session_index import SESSION_ID
 
+from .auth import gated
+
 
 # --- bodies (documentation only: the handlers build plain dicts) ----------------------------
 class ErrorDetail(BaseModel):
@@ -228,6 +230,17 @@ class ResponseEvent(BaseModel):
     response: dict | None = None
 
 
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
 # --- what each operation answers ------------------------------------------------------------
 GENERATION = (400, 404, 409, 413, 429, 503)  # 404: the model (or previous response); 409: a busy or
 # another model's session; 413: the body is over its limit; 429: the queue is full; 503: shutting
@@ -246,6 +259,8 @@ OPERATIONS = {  # (method, path): (the 200's body, error statuses)
     ("delete", "/v1/sessions/{session_id}"): (SessionDeleted, SESSION_STORE),
     ("post", "/v1/responses"): (ResponseObject, GENERATION),
     ("get", "/v1/responses/{response_id}"): (ResponseObject, (404,)),
+    ("post", "/tokenize"): (Tokenized, (400, 404, 413)),
+    ("post", "/detokenize"): (Detokenized, (400, 404, 413)),
 }
 STREAMS = {  # "stream": true answers text/event-stream: (each event's data, ends with "data: [DONE]")
     ("post", "/v1/chat/completions"): (ChatCompletionChunk, True),
@@ -262,7 +277,7 @@ BODIES = [ErrorResponse, *(body for body, _ in OPERATIONS.values()), *(event for
 
 
 def install(app: FastAPI, api_key: bool, vocab_size: int) -> None:
-    """Serve the declared schema from /openapi.json; with `api_key`, /v1/* also declares 401."""
+    """Serve the declared schema from /openapi.json; with `api_key`, the gated paths also declare 401."""
     generate = app.openapi  # FastAPI's, from the routes (all of them by the first request)
     app.openapi = functools.cache(lambda: declare(generate(), api_key, vocab_size))
 
@@ -278,7 +293,7 @@ def declare(schema: dict, api_key: bool, vocab_size: int) -> dict:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, methods in schema["paths"].items():
         for method, operation in methods.items():
-            declare_operation(operation, (method, path), api_key and path.startswith("/v1/"))
+            declare_operation(operation, (method, path), api_key and gated(path))
     return schema
 
 
@@ -322,7 +337,7 @@ def declare_operation(operation: dict, key: tuple[str, str], authenticated: bool
     if authenticated:
         operation["security"] = [{"bearer": []}]
         responses["401"] = error(401)
-    if key[1].startswith("/v1/"):  # a tenant over --max-concurrent-per-tenant
+    if gated(key[1]):  # a tenant over --max-concurrent-per-tenant
         responses["429"] = error(429)
 
 

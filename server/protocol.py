@@ -184,6 +184,34 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's /tokenize body for a prompt."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's /tokenize body for a conversation, rendered as /v1/chat/completions renders it."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str

@@ -25,6 +25,7 @@ from .protocol import SamplingFields
 from .sessions import session_api_error
 from .structured import constraint_of, logit_bias_of
 from .tenants import Tenant
+from .tools import ToolPlan, plan_tools
 
 
 @dataclass
@@ -42,6 +43,19 @@ class ServerState:
         left = self.engine.engine.max_model_len - prompt_len
         cap = self.config.default_max_tokens
         return max(1, min(left, cap) if cap else left)
+
+
+@dataclass
+class ChatPrompt:
+    ids: list[int]
+    tools: ToolPlan
+
+
+def chat_prompt(tokenizer, body, add_generation_prompt: bool = True, add_special_tokens: bool = False) -> ChatPrompt:
+    """A chat body's messages and tools as the model reads them (chat completions, /tokenize)."""
+    tools = plan_tools(body, tokenizer.renders_tools)
+    text = tokenizer.render_chat([m.for_template() for m in body.messages], add_generation_prompt, tools.tools)
+    return ChatPrompt(tokenizer.encode(text, add_special_tokens), tools)
 
 
 def check_model(state: ServerState, name: str) -> None:

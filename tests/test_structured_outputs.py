@@ -120,3 +120,28 @@ def byte_token_id(text: str) -> int:
 def test_constraint_kinds_are_checked_without_the_engine():
     with pytest.raises(ValueError, match="structured output kind"):
         Constraint("yaml")
+
+
+
+def constrained_outputs(overlap: bool) -> list[list[int]]:
+    import models
+    from engine import grammar
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.params import SamplingParams
+    from tests.helpers import tiny_model
+
+    model = tiny_model(vocab_size=260, segment_size=8)
+    model.tokenizer = models.byte_tokenizer()
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, num_device_blocks=256, num_host_blocks=0))
+    engine._grammars = grammar.Grammars(model.tokenizer, 260, overlap=overlap)
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=3, stop_token_ids=tuple(model.tokenizer.eos_ids),
+                            constraint=Constraint("json_schema", json.dumps(SCHEMA)))
+    outputs = engine.generate([model.tokenizer.encode(f"sailor {i}") for i in range(6)], params)
+    for ids in outputs:
+        jsonschema.validate(json.loads(model.tokenizer.decode(ids)), SCHEMA)
+    return outputs
+
+
+def test_masks_filled_beside_the_forward_or_inline_give_the_same_valid_outputs():
+    assert constrained_outputs(overlap=True) == constrained_outputs(overlap=False)
