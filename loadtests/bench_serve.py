@@ -4,7 +4,10 @@
     python -m loadtests.bench_serve --request-rate 4 --duration 60
     python -m loadtests.bench_serve --multi-turn --conversations 4 --turns 4
 
-Synthetic prompts of a set length (random words, counted by the server's own usage report) are
+Synthetic prompts of a set length (random words, counted by the server's own usage report), new on
+every run unless `--seed` is given, so that the server has not seen them (`--warm` sends the set
+once untimed first, to measure a warm prefix cache on purpose). The share of prompt tokens the
+server read from its cache (`usage.prompt_tokens_details.cached_tokens`) is reported. They are
 sent as streaming chat completions with `ignore_eos`, so every request generates exactly
 `--output-len` tokens (`--sessions`: each names a new session, which the server saves).
 Arrivals follow a Poisson process at `--request-rate` (default: all at once),
@@ -109,6 +112,7 @@ def report(results: list[RequestResult], elapsed: float) -> dict:
     in_tokens = sum(r.prompt_tokens for r in good)
     return {
         "completed": len(good), "failed": len(results) - len(good),
+        "cached_prompt_share": sum(r.cached_tokens for r in good) / in_tokens if in_tokens else 0.0,
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": elapsed,
         "request_throughput": len(good) / elapsed,
@@ -125,11 +129,17 @@ def report(results: list[RequestResult], elapsed: float) -> dict:
 async def run_load(args) -> dict:
     rng = random.Random(args.seed)
     prompts = [synthetic_text(rng, args.input_len) for _ in range(args.num_prompts)]
+    if args.warm:  # the same set once, untimed: what follows reads a warm prefix cache, on purpose
+        await send_all(args, prompts, random.Random(args.seed), "warm")
+    return await send_all(args, prompts, rng, "timed")
+
+
+async def send_all(args, prompts: list[str], rng: random.Random, label: str) -> dict:
     limit = asyncio.Semaphore(args.max_concurrency or len(prompts))
     results: list[RequestResult] = []
     deadline = time.perf_counter() + args.duration if args.duration else None
 
-    tag = f"{int(time.time())}-{args.seed}"
+    tag = f"{int(time.time())}-{args.seed}-{label}"
     async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout) as client:
         async def one(i: int, prompt: str):
             async with limit:
@@ -215,9 +225,13 @@ def main(argv=None) -> None:
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="repeat a prompt set (default: a new one every run)")
+    parser.add_argument("--warm", action="store_true", help="send the prompt set once, untimed, before the "
+                        "timed run: measures a warm prefix cache (reported as warm)")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 32)
     check_loopback(args.base_url)
     try:
         args.model = args.model or asyncio.run(detect_model(args.base_url))

@@ -62,3 +62,12 @@ def test_the_durability_benchmark_runs_both_modes(tmp_path):
     runs = json.loads((tmp_path / "d.json").read_text())["runs"]
     assert [len(runs["sync"]), len(runs["async"])] == [1, 1]
     assert all(r[0]["completed"] == 8 and r[0]["failed"] == 0 for r in runs.values())
+
+
+def test_prompts_are_fresh_every_run_unless_warm_is_asked(server):
+    def cached_share(*extra):
+        res = bench("--base-url", server, "--num-prompts", "3", "--input-len", "40", "--output-len", "2", *extra)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["cached_prompt_share"]
+    assert cached_share() < 0.2 and cached_share() < 0.2  # a new set each time: the server has not seen it
+    assert cached_share("--seed", "7", "--warm") > 0.6    # the set sent once before, on purpose
