@@ -29,6 +29,8 @@ class EngineConfig:
     kernels: str = option("auto", "decode and prefill on Triton kernels: auto = on CUDA",
                           choices=("auto", "triton", "torch"))
     cuda_graphs: bool = option(False, "replay the decode step from CUDA graphs (Triton kernels on CUDA)")
+    compile_decode: bool = option(False, "compile the decode step with torch.compile (torch kernels; "
+                                  "about a minute of compiling at start, cached on disk after)")
 
     def __post_init__(self) -> None:
         check_options(self, EngineConfigError, may_be_zero=("num_host_blocks",))

@@ -8,6 +8,7 @@ finished sequences hand back their slots and blocks.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from concurrent.futures import Future
@@ -29,6 +30,8 @@ from .sequence import Sequence, SequenceStatus
 from .session_index import SessionError, check_session_id
 from .sessions import SessionStore, stack_blocks
 from .stats import TIERS, EngineStats
+
+log = logging.getLogger("mcserve.engine")
 
 
 class EngineError(ValueError):
@@ -78,6 +81,9 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
         self.runner = ModelRunner(model, self.config)
+        if self.config.compile_decode:
+            self.runner.precompile_decode(lambda done, total: log.info(
+                "compiling the decode step: %d of %d graphs", done, total))
         if sessions is not None:
             sessions.attach(model.fingerprint, self.config.ckpt_dtype, model.config.segment_size)
         self.scheduler = Scheduler(self.config, model.config.segment_size)

@@ -31,6 +31,14 @@ from .decode_backends import PrefillKernels, TorchDecode, TritonDecode
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def compiled_decode(math):
+    """The decode math under torch.compile (Inductor; C++ on the CPU). Shapes are dynamic, so one
+    graph serves every batch size and block-table width; torch specializes sizes 0 and 1, and
+    `precompile_decode` builds those graphs at start. The pools are read, never written, inside
+    the graph: a written pool would be copied whole on every step."""
+    return torch.compile(math, dynamic=True)
+
+
 class ModelRunner:
     def __init__(self, model: MCModel, config: EngineConfig):
         self.model, self.config = model.eval(), config
@@ -65,6 +73,9 @@ class ModelRunner:
         if conv_shape:
             self.slots["conv_tail"] = torch.zeros(L, S, *conv_shape, device=self.device)
         self.graphs = DecodeGraphs(self) if config.cuda_graphs and self.use_triton and self.device.type == "cuda" else None
+        self.decode_math = self._decode_math
+        if config.compile_decode and not self.use_triton:
+            self.decode_math = compiled_decode(self._decode_math)
 
     # --- sizes -----------------------------------------------------------------------------
     @functools.cached_property
@@ -155,27 +166,54 @@ class ModelRunner:
         which rows end a segment is known only on the device. A row's segment ends by its
         position; its checkpoint goes to its block of `end_blocks` (every other row writes to
         the spare block)."""
+        logits, rows, targets, layers = self.decode_math(tokens, positions, slot_ids, table, lengths, end_blocks)
+        self._write_decode(slot_ids, rows, targets, layers)
+        return logits
+
+    def precompile_decode(self, progress=None) -> None:
+        """Build the compiled decode graphs before the first request: the batch sizes 1 and 2+
+        by the block-table widths 0, 1 and 2+ (torch specializes sizes 0 and 1). The dummy
+        steps only read the pools. `progress(done, total)` is called after each."""
+        shapes = [(rows, width) for rows in (1, 2) for width in (0, 1, 2)]
+        for done, (rows, width) in enumerate(shapes, start=1):
+            with torch.inference_mode():  # as `decode` runs: the graphs are guarded on it
+                batch = self.decode_batch([self.trash_slot] * rows, [[]] * rows, [0] * rows, [0] * rows,
+                                          [None] * rows, width=width)
+                self.decode_math(**batch)
+            if progress is not None:
+                progress(done, len(shapes))
+
+    def _decode_math(self, tokens, positions, slot_ids, table, lengths, end_blocks):
+        """The step's math, reading the pools and writing none of them (on the torch backend):
+        the logits, and each layer's new memory, checkpoint, summary and conv tail. What
+        torch.compile compiles."""
         ends = (positions + 1) % self.segment_size == 0
         rows = torch.where(ends & (end_blocks >= 0), end_blocks, self.trash_block)  # every row writes here
         targets = torch.where(ends, rows, -1)  # the segment_end kernel's form: -1 for rows that go on
-        backend, conv = self.backend, self.slots.get("conv_tail")
+        backend, layers = self.backend, []
 
         def mix(i: int, mixer, x: torch.Tensor) -> torch.Tensor:
-            online = self.slots["online"][i]
             st = self._slot_state(i, slot_ids, with_online=not backend.keeps_online_in_pool)
             source = backend.checkpoints(self.blocks["ckpt"][i], self.blocks["summary"][i], table, lengths)
-            y, M, key_sum = mixer.decode_step(x, st, positions, source, backend.online_step(online, slot_ids))
-            checkpoint, summary, M, key_sum = mixer.close_segment(M, key_sum, ends)
-            backend.end_segments(online, slot_ids, targets, rows, self.blocks["ckpt"][i], checkpoint, M,
-                                 reset=not self.carry)
+            y, M, key_sum = mixer.decode_step(x, st, positions, source, backend.online_step(self.slots["online"][i],
+                                                                                            slot_ids))
+            layers.append((*mixer.close_segment(M, key_sum, ends), st.conv_tail))
+            return y
+
+        return self.model.run_layers(tokens[:, None], mix)[:, 0], rows, targets, layers
+
+    def _write_decode(self, slot_ids, rows, targets, layers) -> None:
+        """Write what the step's math gave back to the pools (layers are independent, so the
+        writes may all follow the math)."""
+        conv = self.slots.get("conv_tail")
+        for i, (checkpoint, summary, M, key_sum, conv_tail) in enumerate(layers):
+            self.backend.end_segments(self.slots["online"][i], slot_ids, targets, rows, self.blocks["ckpt"][i],
+                                      checkpoint, M, reset=not self.carry)
             self.blocks["summary"][i].index_copy_(0, rows, summary)
             self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum)
             if conv is not None:
-                self.blocks["block_conv"][i].index_copy_(0, rows, st.conv_tail)
-                conv[i].index_copy_(0, slot_ids, st.conv_tail)
-            return y
-
-        return self.model.run_layers(tokens[:, None], mix)[:, 0]
+                self.blocks["block_conv"][i].index_copy_(0, rows, conv_tail)
+                conv[i].index_copy_(0, slot_ids, conv_tail)
 
     # --- gather / scatter ------------------------------------------------------------------
     def _padded(self, tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
