@@ -23,6 +23,9 @@ class EngineConfig:
     ckpt_dtype: str = option("fp32", "how checkpoints are stored (read in fp32)", choices=("fp32", "bf16"))
     max_prefill_chunk: int = option(1024, "longest prefill chunk of one sequence in one step (cut on "
                                     "segment boundaries)", unit="tokens")
+    max_prefill_while_decoding: int = option(
+        0, "prefill tokens of one step while other sequences decode (0: the whole token budget); "
+        "bounds how much a burst of new prompts stretches running streams' inter-token latency", unit="tokens")
     enable_prefix_reuse: bool = option(True, "share the checkpoints of a common prompt prefix between requests")
     max_waiting: int = option(256, "requests queued or running before new ones get 429", unit="requests",
                               name="max_queued_requests")
@@ -33,7 +36,7 @@ class EngineConfig:
                                   "about a minute of compiling at start, cached on disk after)")
 
     def __post_init__(self) -> None:
-        check_options(self, EngineConfigError, may_be_zero=("num_host_blocks",))
+        check_options(self, EngineConfigError, may_be_zero=("num_host_blocks", "max_prefill_while_decoding"))
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise EngineConfigError("max_num_batched_tokens must be >= max_num_seqs "
                                     "(every running sequence decodes one token per step)")

@@ -6,6 +6,7 @@ Each `schedule()` plans one engine step:
    is preempted: swapped to host memory when there is room there, else reset for recompute
    (its tokens are kept, so nothing is lost, only recomputed);
 2. running sequences with more to read (a prompt, or tokens to recompute) get a prefill chunk;
+   while any sequence decodes, the prefill tokens of a step are capped (max_prefill_while_decoding);
 3. swapped sequences come back, then waiting ones are admitted (installing a resumed session's
    checkpoints, or sharing a cached prefix), while slots, blocks and the token budget last.
 
@@ -116,6 +117,10 @@ class Scheduler:
             if work is not None:
                 plan.decodes.append(work)
                 budget -= 1
+        if plan.decodes and self.config.max_prefill_while_decoding:
+            # Running streams first: a burst of new prompts is read a bounded chunk per step, so that
+            # it stretches their inter-token latency by that much and no more.
+            budget = min(budget, self.config.max_prefill_while_decoding)
         for seq in list(self.running):
             if seq in self.running and self._remaining(seq) > 1 and budget > 0:
                 work = self._plan_prefill(seq, budget, plan)

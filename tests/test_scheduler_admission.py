@@ -55,3 +55,25 @@ def test_requests_that_fit_always_finish_on_a_tiny_pool(host_blocks):
     run_to_completion(scheduler, crowd)
     assert all(len(s.output_ids) == s.params.max_tokens for s in crowd)
     assert scheduler.pool.device.num_used == 0 and sorted(scheduler.free_slots) == [0, 1, 2]
+
+
+def test_prefill_is_capped_while_streams_decode():
+    from engine.config import EngineConfig
+    from engine.params import SamplingParams
+    from engine.scheduler import Scheduler
+    from engine.sequence import Sequence
+
+    def plan_with(cap):
+        scheduler = Scheduler(EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, num_device_blocks=64,
+                                           num_host_blocks=0, max_prefill_while_decoding=cap), segment_size=8)
+        streaming = Sequence("a", [1, 2, 3], SamplingParams())
+        scheduler.add(streaming)
+        scheduler.update_after_step(scheduler.schedule())  # its prompt read: from now on it decodes
+        streaming.output_ids.append(7)
+        scheduler.add(Sequence("b", list(range(300)), SamplingParams()))
+        return scheduler.schedule()
+
+    capped, free = plan_with(64), plan_with(0)
+    assert len(capped.decodes) == len(free.decodes) == 1
+    assert sum(len(p.tokens) for p in capped.prefills) == 64
+    assert sum(len(p.tokens) for p in free.prefills) == 300
