@@ -65,7 +65,7 @@ def one_run(args, durability: str, round_: int, tmp: str) -> dict:
             load = SimpleNamespace(base_url=url, model=model, num_prompts=args.num_prompts, input_len=args.input_len,
                                    output_len=args.output_len, request_rate=float("inf"),
                                    max_concurrency=args.max_concurrency, duration=0, timeout=600,
-                                   seed=1000 + round_, sessions=True)
+                                   seed=1000 + round_, sessions=True, warm=False)
             result = asyncio.run(run_load(load))
         finally:
             proc.terminate()
