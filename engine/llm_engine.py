@@ -408,9 +408,10 @@ class LLMEngine:
             num_swapped_in=sched.num_swapped_in, num_recomputed=sched.num_recomputed, num_steps=self._num_steps)
 
 
-__all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "ContextTooLong", "SequenceStatus"]
-
-
 def sampling_sequences(plan: StepPlan) -> list[Sequence]:
     """The sequences that sample a token in this step, in the order _execute gives their logits."""
     return [w.seq for w in plan.prefills if w.samples] + [d.seq for d in plan.decodes if d.samples]
+
+
+__all__ = ["LLMEngine", "RequestOutput", "EngineError", "QueueFull", "ContextTooLong", "SequenceStatus"]
+

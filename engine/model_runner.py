@@ -174,6 +174,8 @@ class ModelRunner:
         """Build the compiled decode graphs before the first request: the batch sizes 1 and 2+
         by the block-table widths 0, 1 and 2+ (torch specializes sizes 0 and 1). The dummy
         steps only read the pools. `progress(done, total)` is called after each."""
+        if self.decode_math is self._decode_math:
+            return  # not compiled (the Triton path): nothing to build
         shapes = [(rows, width) for rows in (1, 2) for width in (0, 1, 2)]
         for done, (rows, width) in enumerate(shapes, start=1):
             with torch.inference_mode():  # as `decode` runs: the graphs are guarded on it

@@ -167,11 +167,16 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatFields(BaseModel):
+    """A conversation and its tools, as the chat template renders them (requests.chat_prompt)."""
+    model_config = ConfigDict(extra="ignore")
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+
+class ChatCompletionRequest(SamplingFields, ChatFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -185,22 +190,18 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeCompletionRequest(BaseModel):
-    """vLLM's /tokenize body for a prompt."""
+    """vLLM's /tokenize body for a prompt. `add_special_tokens` defaults to what /v1/completions
+    does here (it reads a prompt as it is), not to vLLM's True."""
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = True
+    add_special_tokens: bool = False
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(ChatFields):
     """vLLM's /tokenize body for a conversation, rendered as /v1/chat/completions renders it."""
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False

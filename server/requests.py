@@ -21,7 +21,7 @@ from engine.session_index import SessionError
 from . import errors
 from .config import ServerConfig
 from .metrics import Metrics
-from .protocol import SamplingFields
+from .protocol import ChatFields, SamplingFields
 from .sessions import session_api_error
 from .structured import constraint_of, logit_bias_of
 from .tenants import Tenant
@@ -51,7 +51,8 @@ class ChatPrompt:
     tools: ToolPlan
 
 
-def chat_prompt(tokenizer, body, add_generation_prompt: bool = True, add_special_tokens: bool = False) -> ChatPrompt:
+def chat_prompt(tokenizer, body: ChatFields, add_generation_prompt: bool = True,
+                add_special_tokens: bool = False) -> ChatPrompt:
     """A chat body's messages and tools as the model reads them (chat completions, /tokenize)."""
     tools = plan_tools(body, tokenizer.renders_tools)
     text = tokenizer.render_chat([m.for_template() for m in body.messages], add_generation_prompt, tools.tools)
