@@ -23,6 +23,7 @@ from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarError, Grammars, Matcher, banned_tokens
 from .host_memory import hold_freed_memory
 from .model_runner import ModelRunner
+from .packing import pack_by_length
 from .params import SamplingParams
 from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
@@ -321,13 +322,17 @@ class LLMEngine:
 
     def _execute(self, plan: StepPlan) -> list[torch.Tensor]:
         """Run the plan's forwards; the logits of each sampling sequence (sampling_sequences' order)."""
-        logits = []
         now = time.monotonic()
-        for work in plan.prefills:
-            work.seq.first_scheduled_time = work.seq.first_scheduled_time or now
-            out = self.runner.prefill(work.seq.slot, work.seq.block_table, work.start, work.tokens, work.new_blocks)
-            if work.samples:
-                logits.append(out)
+        prefill_logits: dict[int, torch.Tensor] = {}
+        for pack in pack_by_length([len(w.tokens) for w in plan.prefills]):
+            works = [plan.prefills[i] for i in pack]
+            for work in works:
+                work.seq.first_scheduled_time = work.seq.first_scheduled_time or now
+            rows = self.runner.prefill([w.seq.slot for w in works], [w.seq.block_table for w in works],
+                                       [w.start for w in works], [w.tokens for w in works],
+                                       [w.new_blocks for w in works])
+            prefill_logits.update(zip(pack, rows))
+        logits = [prefill_logits[i] for i, w in enumerate(plan.prefills) if w.samples]
         if plan.decodes:
             for work in plan.decodes:
                 work.seq.first_scheduled_time = work.seq.first_scheduled_time or now

@@ -121,21 +121,33 @@ class ModelRunner:
 
     # --- steps -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, block_table: list[int], start: int, tokens: list[int],
-                new_blocks: list[int]) -> torch.Tensor:
-        """Read `tokens` at positions [start, start+T) into `slot`; checkpoints of the segments
-        that end inside go to `new_blocks`. Returns the logits of the last token [V]."""
-        n_old = len(block_table)
-        states = [self._gather(i, [slot], [block_table]) for i in range(len(self.model.blocks))]
-        ids = torch.tensor([tokens], device=self.device)
-        logits = self.model.run_layers(ids, lambda i, mixer, x: mixer.chunked(x, states[i], start, self.scan))
+    def prefill(self, slots: list[int], block_tables: list[list[int]], starts: list[int],
+                tokens: list[list[int]], new_blocks: list[list[int]]) -> torch.Tensor:
+        """Packed prefill: in one forward, sequence b reads `tokens[b]` at positions
+        [starts[b], starts[b] + len) into `slots[b]`, and the checkpoints of the segments that end
+        inside go to `new_blocks[b]`. Returns the logits of each sequence's last token [B,V]."""
+        lengths = [len(t) for t in tokens]
+        width = max(lengths)
+        states = [self._gather(i, slots, block_tables) for i in range(len(self.model.blocks))]
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.device)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self.model.run_layers(ids, lambda i, mixer, x: mixer.chunked(x, states[i], starts, self.scan,
+                                                                             lengths), at=last)
+        # Each row's new checkpoints follow the old ones of the longest block table.
+        first_new = max(len(t) for t in block_tables)
+        rows = [b for b, ids in enumerate(new_blocks) for _ in ids]
+        if rows:
+            row_index = torch.tensor(rows, device=self.device)
+            ckpt_index = torch.tensor([first_new + j for ids in new_blocks for j in range(len(ids))],
+                                      device=self.device)
+            targets = [block for ids in new_blocks for block in ids]
         for i, st in enumerate(states):
-            if new_blocks:
-                self._write_new_blocks(i, new_blocks, st.ckpts[0, :, n_old:].transpose(0, 1),
-                                       st.summaries[0, :, n_old:].transpose(0, 1),
-                                       st.ckpt_conv[0, n_old:] if st.ckpt_conv is not None else None)
-            self._scatter(i, [slot], st)
-        return logits[0, -1]
+            if rows:
+                self._write_new_blocks(i, targets, st.ckpts[row_index, :, ckpt_index],
+                                       st.summaries[row_index, :, ckpt_index],
+                                       st.ckpt_conv[row_index, ckpt_index] if st.ckpt_conv is not None else None)
+            self._scatter(i, slots, st)
+        return logits
 
     @torch.inference_mode()
     def decode(self, slots: list[int], block_tables: list[list[int]], positions: list[int],

@@ -24,6 +24,7 @@ from torch import nn
 from kernels.aggregation import gate_weights
 
 from .checkpoints import DenseCheckpoints
+from .chunk_layout import ChunkLayout
 from .config import ModelConfig
 from .layers import RMSNorm, ShortConv
 from .memory import build_memory
@@ -54,12 +55,18 @@ class Projected:
     conv_window: torch.Tensor | None  # [B,W-1+T,C], old tail + the span's conv inputs
     skip: torch.Tensor | None = None  # [B,H,T,dv], added to the read-out (Mamba2's D x)
 
-    def conv_tail_at(self, offset: int) -> torch.Tensor | None:
-        """The conv tail after the first `offset` tokens of the span (for a checkpoint there)."""
+    def conv_tail_at(self, offset: int | list) -> torch.Tensor | None:
+        """The conv tail after the first `offset` tokens of the span (for a checkpoint there):
+        [B,W-1,C]; or after row b's own offsets, `offset` [B] or [B,K] -> [B,(K,)W-1,C]."""
         if self.conv_window is None:
             return None
         width = self.conv_window.shape[1] - self.q.shape[2]
-        return self.conv_window[:, offset:offset + width]
+        if isinstance(offset, int):
+            return self.conv_window[:, offset:offset + width]
+        device = self.conv_window.device
+        index = torch.as_tensor(offset, device=device)[..., None] + torch.arange(width, device=device)
+        rows = torch.arange(index.shape[0], device=device).view(-1, *[1] * (index.dim() - 1))
+        return self.conv_window[rows, index]
 
 
 class Mixer(nn.Module, metaclass=abc.ABCMeta):
@@ -152,133 +159,163 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
         return sum(g[..., None] * mem.read(S, q_t) for g, S in zip(weights, states))
 
     # --- path 2: chunked parallel form from any state --------------------------------------
-    def chunked(self, x: torch.Tensor, st: LayerState, pos: int, scan=None) -> torch.Tensor:
-        """Process x [B,T,d] starting at absolute position `pos` from state `st` (updated).
+    def chunked(self, x: torch.Tensor, st: LayerState, pos: int | list[int], scan=None,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """Process x [B,T,d] from state `st` (updated): every row from absolute position `pos`,
+        or (packed prefill) row b from `pos[b]`, reading its first `lengths[b]` tokens (the
+        rest of its row is padding, and its output there is garbage). `st.ckpt_mask` marks the
+        real checkpoints of rows with fewer than others; the new ones of each row follow the old
+        ones of the widest row (models/chunk_layout.py lays the rows on the chunk grid).
 
         `scan` optionally replaces the chunk-to-chunk loop with fused kernels: `scan.gated` of
         `chunk_prefill_ref`'s contract for gated linear memories (from q, k, v, log_a directly),
         `scan.terms` of `chunk_scan_terms_ref`'s for the others (after `chunk_terms`, e.g. the
         delta rule's triangular solve). The engine passes the Triton ones."""
         c = self.config
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        starts = list(pos) if isinstance(pos, (list, tuple)) else [pos] * B
+        layout = ChunkLayout(starts, list(lengths) if lengths is not None else [T] * B, self.chunk_size,
+                             c.segment_size)
         p = self.project(x, st.conv_tail)
-        st.conv_tail = p.conv_tail
-        # Pad so chunks tile absolute positions [base, base + N*L). Padded tokens have
-        # k = v = 0, a = 1, b = 0: they leave the state untouched, and their outputs are dropped.
-        L = self.chunk_size
-        front = pos % L
-        N = -(-(front + T) // L)
-        pad = lambda t: None if t is None else F.pad(
-            t, (0, 0) * (t.dim() - 3) + (front, N * L - front - T)).unflatten(2, (N, L))
-        q, k, v, u, log_a, beta = map(pad, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
+        st.conv_tail = p.conv_tail if min(layout.lengths) == T else p.conv_tail_at(layout.lengths)
+        q, k, v, u, log_a, beta = map(layout.to_grid, (p.q, p.k, p.v, p.u, p.log_a, p.beta))
         if scan is not None:
-            chunks = self._fused_chunks(scan, q, k, v, log_a, beta, st.online, pos - front, pos + T)
+            chunks = self._fused_chunks(scan, q, k, v, log_a, beta, st.online, layout)
         else:
             per_chunk = self.memory.chunk_terms(q, k, v, log_a, beta).unbind()
             chunks = (lambda n, M: self.memory.chunk_advance(per_chunk[n], M))
-        online, key_sum_at_start, visible = self._scan(chunks, k, st, p, pos - front, pos)
+        n_old = st.ckpts.shape[2]
+        online, key_sum_at_start = self._scan(chunks, k, st, p, layout)
+        # Checkpoints each row sees at each chunk: its old ones, and those it made before [B,N].
+        seen = torch.tensor([[n_old + made for made in row] for row in layout.new_before], device=x.device)
 
         if c.aggregation == "none" or st.ckpts.shape[2] == 0:
             y = online
         elif c.aggregation == "residual":
-            y = online + self._chunked_residual(q, st.ckpts, visible)
+            y = online + self._chunked_residual(q, st, seen)
         else:
-            y = self._chunked_gated(q, u, k, online, st, visible, key_sum_at_start, pos - front)
-        y = y.flatten(2, 3)[:, :, front:front + T]
-        return self.finish(y, p, x)
+            y = self._chunked_gated(q, u, k, online, st, seen, key_sum_at_start, layout)
+        return self.finish(layout.from_grid(y.flatten(2, 3)), p, x)
 
-    def _segment_ends(self, base: int, n_chunks: int, end_of_input: int) -> list[bool]:
-        """Which chunks finish a segment inside this call (chunk n covers [base + nL, base + (n+1)L))."""
-        L, S = self.chunk_size, self.config.segment_size
-        return [(base + (n + 1) * L) % S == 0 and base + (n + 1) * L <= end_of_input for n in range(n_chunks)]
-
-    def _fused_chunks(self, scan, q, k, v, log_a, beta, M0, base: int, end_of_input: int):
+    def _fused_chunks(self, scan, q, k, v, log_a, beta, M0, layout: ChunkLayout):
         """Run the fused chunk-scan kernels up front; returns `chunks(n, M)` -> the read-outs and
         state of chunk n, like `chunk_advance` (the kernels apply the resets)."""
         B, H, N, L, dk = q.shape
-        ends = self._segment_ends(base, N, end_of_input)
-        reset = torch.tensor([e and self.config.boundary == "reset" for e in ends], dtype=torch.int32,
-                             device=q.device)
+        resets = torch.tensor([[e and self.config.boundary == "reset" for e in row] for row in layout.ends],
+                              dtype=torch.int32, device=q.device)  # [B,N]
         if not self.memory.fusable_scan:
             t = self.memory.chunk_terms(q, k, v, log_a, beta)
-            heads = lambda x: None if x is None else x.flatten(0, 1)
-            outs, states = scan.terms(heads(t.q_decayed), heads(t.attn), heads(t.values), heads(t.w),
-                                      heads(t.k_to_end), heads(t.gamma_end), heads(M0), reset)
-            outs, states = outs.unflatten(0, (B, H)), states.unflatten(0, (B, H))
+            # One launch when every row resets at the same chunks, else one per row.
+            groups = [slice(0, B)] if bool((resets == resets[0]).all()) else [slice(b, b + 1) for b in range(B)]
+            outs, states = [], []
+            for rows in groups:
+                heads = lambda x: None if x is None else x[rows].flatten(0, 1)
+                o, s = scan.terms(heads(t.q_decayed), heads(t.attn), heads(t.values), heads(t.w),
+                                  heads(t.k_to_end), heads(t.gamma_end), heads(M0), resets[rows.start])
+                outs.append(o.unflatten(0, (-1, H)))
+                states.append(s.unflatten(0, (-1, H)))
+            outs, states = torch.cat(outs), torch.cat(states)
             return lambda n, M: (outs[:, :, n], states[:, :, n])
         flat = lambda t: t.permute(1, 2, 0, 3).flatten(0, 1)
         outs, states = [], []
         for b in range(B):
-            o, per_chunk, _ = scan.gated(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L, reset)
+            o, per_chunk, _ = scan.gated(flat(q[b]), flat(k[b]), flat(v[b]), log_a[b].flatten(1).T, M0[b], L,
+                                         resets[b])
             outs.append(o.view(N, L, H, -1).permute(2, 0, 1, 3))    # [H,N,L,dv]
             states.append(per_chunk)                                  # [N,H,dk,dv]
         outs, states = torch.stack(outs), torch.stack(states)
         return lambda n, M: (outs[:, :, n], states[:, n])
 
-    def _scan(self, chunks, k, st: LayerState, p: Projected, base: int, pos: int):
+    def _scan(self, chunks, k, st: LayerState, p: Projected, layout: ChunkLayout):
         """Carry the state chunk by chunk (the only sequential part), caching a checkpoint at
-        every segment end. `chunks(n, M)` gives chunk n's online read-outs and the state after it.
-        Returns the online read-outs [B,H,N,L,dv], the key sum entering each chunk [B,H,N,dk],
-        and how many checkpoints each chunk can see."""
-        N = k.shape[2]
+        every segment end (of the rows whose segment ends there). `chunks(n, M)` gives chunk
+        n's online read-outs and the state after it. Returns the online read-outs
+        [B,H,N,L,dv] and the key sum entering each chunk [B,H,N,dk]."""
         M, key_sum = st.online, st.key_sum
-        online, key_sum_at_start, visible = [], [], []
-        new_ckpts, new_summaries, new_convs = [], [], []
+        online, key_sum_at_start, made = [], [], []
         k_chunk_sums = k.sum(dim=3)
-        L = self.chunk_size
-        for n, segment_ends in enumerate(self._segment_ends(base, N, pos + p.q.shape[2])):
+        for n in range(layout.n_chunks):
             out, M = chunks(n, M)
             online.append(out)
             key_sum_at_start.append(key_sum)
-            visible.append(st.ckpts.shape[2] + len(new_ckpts))
             key_sum = key_sum + k_chunk_sums[:, :, n]
-            end = base + (n + 1) * L
-            if segment_ends:
-                checkpoint, summary, M, key_sum = self.close_segment(M, key_sum)
-                new_ckpts.append(checkpoint)
-                new_summaries.append(summary)
-                new_convs.append(p.conv_tail_at(end - pos))
+            ends = layout.ends_at(n)
+            if any(ends):
+                rows = None if all(ends) else torch.tensor(ends, device=k.device)
+                checkpoint, summary, M, key_sum = self.close_segment(M, key_sum, rows)
+                made.append((n, checkpoint, summary))
         st.online, st.key_sum = M, key_sum
-        if new_ckpts:
-            st.ckpts = torch.cat([st.ckpts, torch.stack(new_ckpts, 2)], 2)
-            st.summaries = torch.cat([st.summaries, torch.stack(new_summaries, 2)], 2)
-            if st.ckpt_conv is not None:
-                st.ckpt_conv = torch.cat([st.ckpt_conv, torch.stack(new_convs, 1)], 1)
-        return torch.stack(online, dim=2), torch.stack(key_sum_at_start, 2), visible
+        if made:
+            self._append_checkpoints(st, p, layout, made)
+        return torch.stack(online, dim=2), torch.stack(key_sum_at_start, 2)
 
-    def _chunked_residual(self, q, cached, visible):
-        # Linear read-out: sum_i C_i^T q = (sum_i C_i)^T q, with a prefix sum over checkpoints.
+    @staticmethod
+    def _append_checkpoints(st: LayerState, p: Projected, layout: ChunkLayout, made) -> None:
+        """Append the checkpoints the scan made to `st`: `made` lists (chunk, checkpoint [B,...],
+        summary [B,...]) for every chunk where some row's segment ended; row b keeps those of its
+        own ends, in order, padded to the row that made the most (masked in `st.ckpt_mask`)."""
+        B, n_old = st.ckpts.shape[0], st.ckpts.shape[2]
+        ckpts = torch.stack([c for _, c, _ in made], 2)      # [B,H,m,dk,dv]
+        summaries = torch.stack([s for _, _, s in made], 2)  # [B,H,m,dk]
+        most = max(layout.num_new)
+        # pick[b][j]: which of `made` is row b's j-th new checkpoint (0 for padding)
+        pick = [[i for i, (n, _, _) in enumerate(made) if layout.ends[b][n]] for b in range(B)]
+        pick = [row + [0] * (most - len(row)) for row in pick]
+        offsets = [[layout.end_offset(b, made[i][0]) for i in row] for b, row in enumerate(pick)]
+        if layout.same_ends:  # every row ended at every chunk of `made`
+            new_ckpts, new_summaries = ckpts, summaries
+        else:
+            rows = torch.arange(B, device=ckpts.device)[:, None]
+            index = torch.tensor(pick, device=ckpts.device)
+            new_ckpts = ckpts[rows, :, index].transpose(1, 2)
+            new_summaries = summaries[rows, :, index].transpose(1, 2)
+        st.ckpts = torch.cat([st.ckpts, new_ckpts], 2)
+        st.summaries = torch.cat([st.summaries, new_summaries], 2)
+        if st.ckpt_conv is not None:
+            st.ckpt_conv = torch.cat([st.ckpt_conv, p.conv_tail_at(offsets)], 1)
+        if st.ckpt_mask is not None or not layout.same_ends:
+            old = st.ckpt_mask if st.ckpt_mask is not None else torch.ones(B, n_old, dtype=torch.bool,
+                                                                           device=ckpts.device)
+            real = torch.arange(most, device=ckpts.device)[None, :] < torch.tensor(layout.num_new,
+                                                                                 device=ckpts.device)[:, None]
+            st.ckpt_mask = torch.cat([old, real], 1)
+
+    def _chunked_residual(self, q, st: LayerState, seen):
+        # Linear read-out: sum_i C_i^T q = (sum_i C_i)^T q, with a prefix sum over checkpoints
+        # (those masked out as padding count as zero; a row never sees past its own).
+        cached = st.ckpts if st.ckpt_mask is None else st.ckpts * st.ckpt_mask[:, None, :, None, None]
         prefix = F.pad(cached.cumsum(2), (0, 0, 0, 0, 1, 0))  # [B,H,n+1,dk,dv]
-        sums = prefix[:, :, visible]  # [B,H,N,dk,dv]
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        sums = prefix[rows, :, seen].transpose(1, 2)          # [B,H,N,dk,dv]
         return q @ sums
 
-    def _chunked_gated(self, q, u, k, online, st: LayerState, visible, key_sum_at_start, base):
+    def _chunked_gated(self, q, u, k, online, st: LayerState, seen, key_sum_at_start, layout: ChunkLayout):
         c = self.config
         cached, summaries = st.ckpts, st.summaries
         B, H, N, L, dk = q.shape
-        S = c.segment_size
         # Online summary: running mean of this segment's keys up to and including t.
-        positions = base + torch.arange(N * L, device=q.device).view(N, L)
-        count = (positions % S + 1).to(q.dtype)
+        count = (layout.positions(q.device) % c.segment_size + 1).to(q.dtype)[:, None]  # [B,1,N,L]
         running = key_sum_at_start[:, :, :, None] + k.cumsum(3)
         online_r = self._score(u, running / count[..., None])  # [B,H,N,L]
         cached_r = torch.einsum("bhnlk,bhik->bhnli", u, summaries) * c.score_scale
         n_total = cached.shape[2]
-        vis = torch.tensor(visible, device=q.device)
-        mask = (torch.arange(n_total, device=q.device)[None, :] < vis[:, None])[:, None, :]  # [N,1,n]
-        g_cached, g_online = gate_weights(cached_r, online_r, mask, c.aggregation, c.ssc_top_k)
+        mask = torch.arange(n_total, device=q.device)[None, None, :] < seen[:, :, None]  # [B,N,n]
+        if st.ckpt_mask is not None:
+            mask = mask & st.ckpt_mask[:, None, :]
+        g_cached, g_online = gate_weights(cached_r, online_r, mask[:, None, :, None, :], c.aggregation, c.ssc_top_k)
         y = g_online[..., None] * online
-        # sum_i g_i C_i^T q as one matmul per chunk over the checkpoints it sees: [L, i*dk] @ [i*dk, dv].
-        # (Unbound once: indexing chunk n in the loop would cost a full-size zero tensor per
-        # chunk in the backward.)
+        # sum_i g_i C_i^T q as one matmul per chunk over the checkpoints it sees: [L, i*dk] @ [i*dk, dv]
+        # (up to the most any row sees; the others' gates are zero there). Unbound once: indexing
+        # chunk n in the loop would cost a full-size zero tensor per chunk in the backward.
         cached_flat = cached.flatten(2, 3)  # [B,H,n*dk,dv]
         reads = []
-        for seen, g_n, q_n, online_n in zip(visible, g_cached.unbind(2), q.unbind(2), online.unbind(2)):
-            if seen == 0:
+        most_seen = seen.amax(0).tolist()
+        for upto, g_n, q_n, online_n in zip(most_seen, g_cached.unbind(2), q.unbind(2), online.unbind(2)):
+            if upto == 0:
                 reads.append(torch.zeros_like(online_n))
                 continue
-            weighted_q = (g_n[..., :seen, None] * q_n[..., None, :]).flatten(3)
-            reads.append(weighted_q @ cached_flat[:, :, :seen * dk])
+            weighted_q = (g_n[..., :upto, None] * q_n[..., None, :]).flatten(3)
+            reads.append(weighted_q @ cached_flat[:, :, :upto * dk])
         return y + torch.stack(reads, dim=2)
 
     # --- path 3: one decode step -----------------------------------------------------------

@@ -206,12 +206,16 @@ class MCModel(nn.Module):
                                      f"{None if t is None else tuple(t.shape)}, expected {tuple(ref.shape)}")
 
     # --- internals -------------------------------------------------------------------------
-    def run_layers(self, tokens: torch.Tensor, mix) -> torch.Tensor:
+    def run_layers(self, tokens: torch.Tensor, mix, at: torch.Tensor | None = None) -> torch.Tensor:
         """Embed, run every block with `mix(layer_index, mixer, x)` as its mixer call, and project
-        to logits.
+        to logits [B,T,V]; with `at` [B], only row b's position at[b] is projected ([B,V]: a
+        prefill samples from its last token alone).
         The three paths differ only in `mix`; the engine passes its own (pooled states). Token ids
         are not checked here (the per-step path): callers check them once."""
-        return self.logits(self._hidden(tokens, mix))
+        hidden = self._hidden(tokens, mix)
+        if at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+        return self.logits(hidden)
 
     def _hidden(self, tokens: torch.Tensor, mix) -> torch.Tensor:
         """`run_layers` up to the LM head: the final normed hidden states [B,T,d]."""

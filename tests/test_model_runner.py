@@ -57,7 +57,7 @@ def test_batched_decode_over_pools_equals_model(arch, memory, aggregation, bound
     seqs = [PooledSequence(runner, slot, lambda: next(counter)) for slot in range(3)]
     for s, n in zip(seqs, prompt_lens):
         new = s.blocks_for(n)
-        logits = runner.prefill(s.slot, s.table, 0, toks[seqs.index(s), :n].tolist(), new)
+        logits = runner.prefill([s.slot], [s.table], [0], [toks[seqs.index(s), :n].tolist()], [new])[0]
         s.table += new
         s.pos = n
         assert max_err(logits, reference[seqs.index(s), n - 1]) < tol
@@ -79,10 +79,10 @@ def test_prefix_restart_from_a_block_and_swap_round_trip():
     toks = tokens(1, 17, seed=2)[0].tolist()
     reference = model(torch.tensor([toks]))[0]
     runner.init_slot(0, None)
-    runner.prefill(0, [], 0, toks[:10], [1, 2])  # two segments -> blocks 1, 2
+    runner.prefill([0], [[]], [0], [toks[:10]], [[1, 2]])  # two segments -> blocks 1, 2
     # A second sequence restarts at the boundary after block 2 and reads the rest.
     runner.init_slot(1, 2)
-    assert max_err(runner.prefill(1, [1, 2], 10, toks[10:], [3]), reference[-1]) < 1e-4
+    assert max_err(runner.prefill([1], [[1, 2]], [10], [toks[10:]], [[3]])[0], reference[-1]) < 1e-4
     # Swap blocks out and back in through the host tier: bit-exact.
     before = runner.read_blocks([1, 2, 3])
     runner.copy_blocks([(1, 5), (2, 6), (3, 7)], "device", "host")
@@ -103,7 +103,55 @@ def test_bf16_storage_on_the_bundled_model():
                                                  num_host_blocks=0, ckpt_dtype=dtype))
         runner.init_slot(0, None)
         blocks = list(range(1, 13))
-        runner.prefill(0, [], 0, toks[:-1], blocks)
+        runner.prefill([0], [[]], [0], [toks[:-1]], [blocks])
         last[dtype] = runner.decode([0], [blocks], [len(toks) - 1], [toks[-1]], [None])[0]
     assert max_err(last["fp32"], last["bf16"]) < 0.02
     assert last["fp32"].argmax() == last["bf16"].argmax()
+
+
+PACKED = [("mcserve", "gla", "grm", "carry", 5), ("mcserve", "delta", "ssc", "reset", 5),
+          ("mcserve", "linear", "residual", "carry", 5), ("mcserve", "gla", "soup", "reset", 5),
+          ("mcserve", "delta", "none", "carry", 5), ("mamba2", "gla", "grm", "carry", 5),
+          ("gated_deltanet", "delta", "soup", "reset", 5),
+          # two chunks of 40 per segment: rows end their segments at different chunks
+          ("mcserve", "gla", "ssc", "reset", 80), ("mcserve", "delta", "residual", "carry", 80)]
+
+
+@pytest.mark.parametrize("arch,memory,aggregation,boundary,segment", PACKED)
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@torch.no_grad()
+def test_packed_prefill_equals_the_model(arch, memory, aggregation, boundary, segment, kernels):
+    """One forward reads four sequences' chunks, each at its own position, length and number of
+    checkpoints; every row's logits, and the state it decodes on from, are the model's own."""
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation, boundary=boundary, segment_size=segment)
+    runner = ModelRunner(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, num_device_blocks=60,
+                                             num_host_blocks=0, kernels=kernels))
+    S = segment
+    read_before = [0, 3, 2 * S + 1, S + S // 2]  # what each sequence read in earlier steps
+    packed = [2 * S + 3, 1, S - 2, 3 * S]        # what it reads in the packed step
+    toks = tokens(4, max(a + b for a, b in zip(read_before, packed)) + 2, seed=5)
+    reference = model(toks)
+    counter = iter(range(1, 60))
+    new_blocks = lambda start, n: [next(counter) for p in range(start, start + n) if (p + 1) % S == 0]
+    tables = [[] for _ in range(4)]
+    for b, n in enumerate(read_before):
+        runner.init_slot(b, None)
+        if n:
+            tables[b] = new_blocks(0, n)
+            runner.prefill([b], [[]], [0], [toks[b, :n].tolist()], [tables[b]])
+
+    news = [new_blocks(a, n) for a, n in zip(read_before, packed)]
+    logits = runner.prefill([0, 1, 2, 3], [list(t) for t in tables], read_before,
+                            [toks[b, a:a + n].tolist() for b, (a, n) in enumerate(zip(read_before, packed))], news)
+    positions = [a + n for a, n in zip(read_before, packed)]
+    for b in range(4):
+        assert max_err(logits[b], reference[b, positions[b] - 1]) < 1e-4, b
+        tables[b] += news[b]
+    for _ in range(2):  # the slots and the new checkpoints carry on exactly
+        ends = [new_blocks(p, 1) for p in positions]
+        out = runner.decode([0, 1, 2, 3], [list(t) for t in tables], positions,
+                            [toks[b, p].item() for b, p in enumerate(positions)], [e[0] if e else None for e in ends])
+        for b in range(4):
+            assert max_err(out[b], reference[b, positions[b]]) < 1e-4, (b, positions[b])
+            tables[b] += ends[b]
+            positions[b] += 1
