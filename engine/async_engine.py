@@ -149,8 +149,7 @@ class AsyncEngine:
                     outputs = []
                     self._fail_everything(e)
                 self.stats = self.engine.stats()
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
             if not busy:
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
@@ -167,19 +166,41 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - keep going: every sequence must be freed
                 continue
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams with one wake-up of each event loop, not one
+        per output: the loop's thread shares the GIL with this one, and every wake-up it
+        takes stretches the step."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._route(out.request_id, out)
+            if stream is not None:
+                batches.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, request_id: str, item) -> None:
-        """Hand an output to its stream. A turn whose session write is pending (durable
-        sessions) is handed over when the write has landed, so the client's response completes
-        only after its session is on stable storage."""
+        """Hand one output (or an error) to its stream."""
+        stream = self._route(request_id, item)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _route(self, request_id: str, item) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None:
+        """Where `item` goes now: its stream's loop and queue, or None (no stream, or held back).
+        A turn whose session write is pending (durable sessions) is handed over when the write
+        has landed, so the client's response completes only after its session is on stable
+        storage."""
         persisted = getattr(item, "persisted", None)
         if persisted is not None and not persisted.done():
             self._persisting.add(request_id)
             persisted.add_done_callback(lambda _: self._deliver(request_id, item))
-            return
+            return None
         self._persisting.discard(request_id)
         if self.on_output is not None and isinstance(item, RequestOutput):
             self.on_output(item)
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        return self._streams.get(request_id)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
