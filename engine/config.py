@@ -36,12 +36,17 @@ class EngineConfig:
     kernels: str = option("auto", "decode and prefill on Triton kernels: auto = on CUDA",
                           choices=("auto", "triton", "torch"))
     cuda_graphs: bool = option(False, "replay the decode step from CUDA graphs (Triton kernels on CUDA)")
+    decode_threads: int = option(
+        1, "torch threads of the decode step on the CPU (0: all of torch's): a decode step is hundreds of "
+        "small ops that one thread runs about as fast as several, and one thread is not stalled by the "
+        "server's other work on a small machine; prefill keeps all threads", unit="threads")
     compile_decode: bool = option(False, "compile the decode step with torch.compile (torch kernels; "
                                   "about a minute of compiling at start, cached on disk after)")
 
     def __post_init__(self) -> None:
         check_options(self, EngineConfigError,
-                      may_be_zero=("num_host_blocks", "max_prefill_while_decoding", "decode_step_stretch"))
+                      may_be_zero=("num_host_blocks", "max_prefill_while_decoding", "decode_step_stretch",
+                                   "decode_threads"))
         if 0 < self.decode_step_stretch < 1:
             raise EngineConfigError("decode_step_stretch must be 0 (no bound) or at least 1 (a decode-only step)")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -17,6 +17,7 @@ moves data in and out of the pools.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -155,7 +156,22 @@ class ModelRunner:
         """One token per sequence at its own position; a sequence whose segment ends writes its
         checkpoint to its entry of `new_blocks`. Returns logits [B, V]."""
         batch = self.decode_batch(slots, block_tables, positions, tokens, new_blocks)
-        return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
+        with self.decode_threads():
+            return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
+
+    @contextlib.contextmanager
+    def decode_threads(self):
+        """The CPU decode step on `config.decode_threads` torch threads (the compiled one is built
+        under it too: Inductor fixes its thread count when it generates code)."""
+        threads, before = self.config.decode_threads, torch.get_num_threads()
+        if self.device.type != "cpu" or not threads or threads == before:
+            yield
+            return
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def decode_batch(self, slots, block_tables, positions, tokens, new_blocks, rows: int | None = None,
                      width: int | None = None) -> dict[str, torch.Tensor]:
@@ -190,7 +206,7 @@ class ModelRunner:
             return  # not compiled (the Triton path): nothing to build
         shapes = [(rows, width) for rows in (1, 2) for width in (0, 1, 2)]
         for done, (rows, width) in enumerate(shapes, start=1):
-            with torch.inference_mode():  # as `decode` runs: the graphs are guarded on it
+            with torch.inference_mode(), self.decode_threads():  # as `decode` runs: graphs are guarded on it
                 batch = self.decode_batch([self.trash_slot] * rows, [[]] * rows, [0] * rows, [0] * rows,
                                           [None] * rows, width=width)
                 self.decode_math(**batch)

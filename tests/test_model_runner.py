@@ -155,3 +155,24 @@ def test_packed_prefill_equals_the_model(arch, memory, aggregation, boundary, se
             assert max_err(out[b], reference[b, positions[b]]) < 1e-4, (b, positions[b])
             tables[b] += ends[b]
             positions[b] += 1
+
+
+@pytest.mark.parametrize("decode_threads,expected", [(1, 1), (0, 2)])
+def test_decode_runs_on_its_own_thread_count(decode_threads, expected):
+    """The CPU decode step runs on `decode_threads` torch threads; prefill and everything after
+    keep torch's own count."""
+    model = tiny_model()
+    runner = ModelRunner(model, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, num_device_blocks=8,
+                                             num_host_blocks=0, decode_threads=decode_threads))
+    seen = []
+    math = runner.decode_math
+    runner.decode_math = lambda *args: (seen.append(torch.get_num_threads()), math(*args))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.init_slot(0, None)
+        runner.prefill([0], [[]], [0], [[1, 2, 3]], [[]])
+        runner.decode([0], [[]], [3], [4], [None])
+        assert seen == [expected] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
