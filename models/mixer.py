@@ -260,8 +260,8 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
         most = max(layout.num_new)
         # pick[b][j]: which of `made` is row b's j-th new checkpoint (0 for padding)
         pick = [[i for i, (n, _, _) in enumerate(made) if layout.ends[b][n]] for b in range(B)]
+        offsets = [[layout.end_offset(b, made[i][0]) for i in row] + [0] * (most - len(row)) for b, row in enumerate(pick)]
         pick = [row + [0] * (most - len(row)) for row in pick]
-        offsets = [[layout.end_offset(b, made[i][0]) for i in row] for b, row in enumerate(pick)]
         if layout.same_ends:  # every row ended at every chunk of `made`
             new_ckpts, new_summaries = ckpts, summaries
         else:

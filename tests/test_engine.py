@@ -62,6 +62,25 @@ def test_batched_greedy_equals_one_at_a_time(arch, memory, aggregation):
     assert_pools_empty(engine)
 
 
+@pytest.mark.parametrize("arch,memory,aggregation", [("mcserve", "gla", "grm"), ("mcserve", "delta", "residual"),
+                                                     ("mamba2", "gla", "ssc")])
+def test_packed_prefill_at_odd_positions_equals_one_at_a_time(arch, memory, aggregation):
+    """Prompts arrive while others decode, and a small odd prefill cap cuts them mid-segment, so
+    steps pack chunks of different lengths, starts and checkpoint counts into one forward."""
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation)
+    engine = make_engine(model, max_num_batched_tokens=32, max_prefill_chunk=32, max_prefill_while_decoding=7)
+    ps = prompts(8, seed=3, lengths=(23, 4, 17, 11, 2, 29, 8, 13))
+    seqs, step = [], 0
+    while len(seqs) < len(ps) or engine.has_unfinished():
+        if step % 3 == 0 and len(seqs) < len(ps):
+            seqs += [engine.add_request(ps[len(seqs)], GREEDY), engine.add_request(ps[len(seqs) + 1], GREEDY)]
+        engine.step()
+        step += 1
+    for prompt, seq in zip(ps, seqs):
+        assert seq.output_ids == reference_greedy(model, prompt, 12), prompt
+    assert_pools_empty(engine)
+
+
 def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
     model = tiny_model(memory="gla", aggregation="grm")
     ps = prompts(4, seed=3, lengths=(14, 11, 16, 9))

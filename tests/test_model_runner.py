@@ -117,18 +117,24 @@ PACKED = [("mcserve", "gla", "grm", "carry", 5), ("mcserve", "delta", "ssc", "re
           ("mcserve", "gla", "ssc", "reset", 80), ("mcserve", "delta", "residual", "carry", 80)]
 
 
+# (what each sequence read in earlier steps, what it reads in the packed step), in segments S
+SCENARIOS = {"spread": (lambda S: [0, 3, 2 * S + 1, S + S // 2], lambda S: [2 * S + 3, 1, S - 2, 3 * S]),
+             # short rows: one ends a segment, the others' grids reach past the longest row
+             "short": (lambda S: [S - 1, 0, 2, 2 * S - 2], lambda S: [1, 1, 2, 3])}
+
+
 @pytest.mark.parametrize("arch,memory,aggregation,boundary,segment", PACKED)
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 @torch.no_grad()
-def test_packed_prefill_equals_the_model(arch, memory, aggregation, boundary, segment, kernels):
+def test_packed_prefill_equals_the_model(arch, memory, aggregation, boundary, segment, kernels, scenario):
     """One forward reads four sequences' chunks, each at its own position, length and number of
     checkpoints; every row's logits, and the state it decodes on from, are the model's own."""
     model = tiny_model(arch=arch, memory=memory, aggregation=aggregation, boundary=boundary, segment_size=segment)
     runner = ModelRunner(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, num_device_blocks=60,
                                              num_host_blocks=0, kernels=kernels))
     S = segment
-    read_before = [0, 3, 2 * S + 1, S + S // 2]  # what each sequence read in earlier steps
-    packed = [2 * S + 3, 1, S - 2, 3 * S]        # what it reads in the packed step
+    read_before, packed = (f(S) for f in SCENARIOS[scenario])
     toks = tokens(4, max(a + b for a, b in zip(read_before, packed)) + 2, seed=5)
     reference = model(toks)
     counter = iter(range(1, 60))
