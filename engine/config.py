@@ -26,10 +26,6 @@ class EngineConfig:
     max_prefill_while_decoding: int = option(
         0, "prefill tokens of one step while other sequences decode (0: the whole token budget); "
         "bounds how much a burst of new prompts stretches running streams' inter-token latency", unit="tokens")
-    decode_step_stretch: float = option(
-        0.0, "while streams decode, a step reads only as many prompt tokens as keep it within this many "
-        "decode-only steps (learned from step times; 0: no bound): decode first, so a burst of new prompts "
-        "cannot stall running streams", unit="steps")
     enable_prefix_reuse: bool = option(True, "share the checkpoints of a common prompt prefix between requests")
     max_waiting: int = option(256, "requests queued or running before new ones get 429", unit="requests",
                               name="max_queued_requests")
@@ -45,10 +41,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_options(self, EngineConfigError,
-                      may_be_zero=("num_host_blocks", "max_prefill_while_decoding", "decode_step_stretch",
-                                   "decode_threads"))
-        if 0 < self.decode_step_stretch < 1:
-            raise EngineConfigError("decode_step_stretch must be 0 (no bound) or at least 1 (a decode-only step)")
+                      may_be_zero=("num_host_blocks", "max_prefill_while_decoding", "decode_threads"))
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise EngineConfigError("max_num_batched_tokens must be >= max_num_seqs "
                                     "(every running sequence decodes one token per step)")

@@ -25,7 +25,6 @@ from .host_memory import hold_freed_memory
 from .model_runner import ModelRunner
 from .packing import pack_by_length
 from .params import SamplingParams
-from .prefill_budget import PrefillBudget
 from .sampler import Sample, make_generator, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence, SequenceStatus
@@ -89,7 +88,6 @@ class LLMEngine:
         if sessions is not None:
             sessions.attach(model.fingerprint, self.config.ckpt_dtype, model.config.segment_size)
         self.scheduler = Scheduler(self.config, model.config.segment_size)
-        self.prefill_budget = PrefillBudget(self.config.decode_step_stretch, model.config.segment_size)
         self.sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -273,8 +271,6 @@ class LLMEngine:
     # --- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self._num_steps += 1
-        started = time.perf_counter()
-        self.scheduler.prefill_cap = self.prefill_budget.tokens()
         plan = self.scheduler.schedule()
         self._move_states(plan)
         samplers = sampling_sequences(plan)
@@ -282,10 +278,7 @@ class LLMEngine:
         logits = self._execute(plan)
         self.scheduler.update_after_step(plan)
         banned = self._finish_grammar_masks(masks)
-        outputs = [self._emit(seq, row, banned.get(seq.request_id)) for seq, row in zip(samplers, logits)]
-        self.prefill_budget.observe(bool(plan.decodes), sum(len(w.tokens) for w in plan.prefills),
-                                    time.perf_counter() - started)
-        return outputs
+        return [self._emit(seq, row, banned.get(seq.request_id)) for seq, row in zip(samplers, logits)]
 
     def _start_grammar_masks(self, seqs: list[Sequence]) -> tuple[list[str], Future] | None:
         constrained = [s.request_id for s in seqs if s.request_id in self._matchers]

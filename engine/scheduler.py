@@ -6,8 +6,7 @@ Each `schedule()` plans one engine step:
    is preempted: swapped to host memory when there is room there, else reset for recompute
    (its tokens are kept, so nothing is lost, only recomputed);
 2. running sequences with more to read (a prompt, or tokens to recompute) get a prefill chunk;
-   while any sequence decodes, the prefill tokens of a step are capped (max_prefill_while_decoding, and
-   `prefill_cap`, which the engine sets from step times: engine/prefill_budget.py);
+   while any sequence decodes, the prefill tokens of a step are capped (max_prefill_while_decoding);
 3. swapped sequences come back, then waiting ones are admitted (installing a resumed session's
    checkpoints, or sharing a cached prefix), while slots, blocks and the token budget last.
 
@@ -70,7 +69,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
-        self.prefill_cap: int | None = None  # prompt tokens of a step while others decode (the engine's PrefillBudget)
         self.num_preemptions = 0
         self.num_swapped_out = self.num_swapped_in = self.num_recomputed = 0
 
@@ -122,8 +120,7 @@ class Scheduler:
         if plan.decodes:
             # Running streams first: a burst of new prompts is read a bounded chunk per step, so that
             # it stretches their inter-token latency by that much and no more.
-            for cap in (self.config.max_prefill_while_decoding, self.prefill_cap):
-                budget = min(budget, cap) if cap else budget
+            budget = min(budget, self.config.max_prefill_while_decoding or budget)
         for seq in list(self.running):
             if seq in self.running and self._remaining(seq) > 1 and budget > 0:
                 work = self._plan_prefill(seq, budget, plan)

@@ -78,39 +78,3 @@ def test_prefill_is_capped_while_streams_decode():
     assert sum(len(p.tokens) for p in capped.prefills) == 64
     assert sum(len(p.tokens) for p in free.prefills) == 300
 
-
-def test_prefill_budget_keeps_a_mixed_step_within_the_stretch():
-    from engine.prefill_budget import PrefillBudget
-
-    budget = PrefillBudget(stretch=3.0, floor=64)
-    assert budget.tokens() is None  # nothing learned yet: no bound
-    for _ in range(20):
-        budget.observe(decoding=True, prefill_tokens=0, seconds=0.020)     # decode-only steps: 20 ms
-        budget.observe(decoding=True, prefill_tokens=1000, seconds=0.120)  # prompts read at 10k tokens/s
-    # a mixed step may take 3 decode steps: 40 ms of prompts beside the decode, 400 tokens
-    assert abs(budget.tokens() - 400) <= 4
-    for _ in range(40):  # very slow prompts: the floor holds
-        budget.observe(decoding=False, prefill_tokens=50, seconds=1.0)
-    assert budget.tokens() == 64
-    assert PrefillBudget(stretch=0.0, floor=64).tokens() is None
-
-
-def test_the_engine_learns_the_budget_and_the_scheduler_caps_by_it():
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.params import SamplingParams
-    from tests.helpers import tiny_model
-
-    engine = LLMEngine(tiny_model(), EngineConfig(max_num_seqs=4, max_num_batched_tokens=512, num_device_blocks=256,
-                                                  num_host_blocks=0, decode_step_stretch=2.0))
-    engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=40, ignore_eos=True))
-    for _ in range(10):
-        engine.step()  # decode-only steps after the first
-    engine.add_request(list(range(1, 40)), SamplingParams(max_tokens=40, ignore_eos=True))
-    engine.step()  # a mixed step
-    assert engine.prefill_budget.decode_s is not None and engine.prefill_budget.tokens_per_s is not None
-    engine.prefill_budget.tokens_per_s = 1.0  # pretend prompts are slow: one segment per step
-    engine.add_request(list(range(1, 50)) * 4, SamplingParams(max_tokens=4, ignore_eos=True))
-    engine.scheduler.prefill_cap = engine.prefill_budget.tokens()
-    plan = engine.scheduler.schedule()
-    assert plan.decodes and sum(len(w.tokens) for w in plan.prefills) <= 5  # the floor: one segment of 5
