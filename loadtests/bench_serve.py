@@ -189,8 +189,9 @@ async def run_multi_turn(args) -> dict:
     for t, (a, b) in enumerate(zip(resumed, resent), start=1):
         ttft_a = statistics.fmean(r.ttft for r in a if r.ok) if any(r.ok for r in a) else None
         ttft_b = statistics.fmean(r.ttft for r in b if r.ok) if any(r.ok for r in b) else None
-        turns.append({"turn": t, "prompt_tokens": statistics.fmean(r.prompt_tokens for r in a if r.ok),
-                      "cached_tokens_with_session": statistics.fmean(r.cached_tokens for r in a if r.ok),
+        ok = [r for r in a if r.ok]  # every request of a turn may fail (a crashed server)
+        turns.append({"turn": t, "prompt_tokens": statistics.fmean(r.prompt_tokens for r in ok) if ok else None,
+                      "cached_tokens_with_session": statistics.fmean(r.cached_tokens for r in ok) if ok else None,
                       "ttft_ms_session": ttft_a * 1e3 if ttft_a else None,
                       "ttft_ms_resend": ttft_b * 1e3 if ttft_b else None,
                       "speedup": ttft_b / ttft_a if ttft_a and ttft_b else None,
