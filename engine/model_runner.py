@@ -242,6 +242,7 @@ class ModelRunner:
             self.blocks["summary"][i].index_copy_(0, rows, summary)
             self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum)
             if conv is not None:
+                conv_tail = conv_tail.float()  # in the weights' dtype
                 self.blocks["block_conv"][i].index_copy_(0, rows, conv_tail)
                 conv[i].index_copy_(0, slot_ids, conv_tail)
 
@@ -284,7 +285,7 @@ class ModelRunner:
         self.slots["online"][layer][index] = st.online
         self.slots["key_sum"][layer][index] = st.key_sum
         if "conv_tail" in self.slots:
-            self.slots["conv_tail"][layer][index] = st.conv_tail
+            self.slots["conv_tail"][layer][index] = st.conv_tail.float()  # in the weights' dtype
 
     def _write_new_blocks(self, layer: int, ids: list[int], ckpts: torch.Tensor, summaries: torch.Tensor,
                           convs: torch.Tensor | None) -> None:
@@ -293,4 +294,4 @@ class ModelRunner:
         self.blocks["ckpt"][layer][index] = ckpts.to(self.blocks["ckpt"].dtype)
         self.blocks["summary"][layer][index] = summaries
         if convs is not None:
-            self.blocks["block_conv"][layer][index] = convs
+            self.blocks["block_conv"][layer][index] = convs.float()

@@ -55,9 +55,10 @@ def save(model: MCModel, path: str | Path) -> None:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", require_tokenizer: bool = True,
-         overrides: dict | None = None) -> MCModel:
+         overrides: dict | None = None, dtype: torch.dtype = torch.float32) -> MCModel:
     """Load a model directory (mcserve's or a supported foreign one). `overrides` sets config
-    keys on top of a foreign config (mcserve's own: segment_size, aggregation...)."""
+    keys on top of a foreign config (mcserve's own: segment_size, aggregation...). `dtype`: the
+    weights' (the recurrent state is fp32 whatever it is)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory not found: {path}")
@@ -71,7 +72,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", require_tokenizer
     _install_weights(model, tensors, source)
     model.tokenizer = _load_tokenizer(path, config, require_tokenizer, values if foreign else None)
     model.source = hf_import.architecture(values) if foreign else "mcserve"
-    return model.to(device).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.invalidate_fingerprint()  # the weights' dtype is part of the model's identity
+    return model
 
 
 def _config_from(values: dict, file: Path, overrides: dict | None = None) -> ModelConfig:

@@ -29,6 +29,9 @@ class ServerConfig:
     model_set: str = option("", "model config keys set on load, KEY=VALUE,KEY=VALUE (--set KEY=VALUE, repeatable)")
     served_model_name: str = option("", "the model's name in the API; '' = the model directory's name")
     device: str = option("auto", "where the model runs: auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
+    dtype: str = option("fp32", "the weights' dtype; bf16 halves their memory and speeds up prefill on CPUs with "
+                        "AVX-512 BF16 or AMX and on GPUs (the recurrent state and its checkpoints stay fp32; "
+                        "sessions are kept per dtype)", choices=("fp32", "bf16"))
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(8000, "port to listen on")
     log_format: str = option("text", "log lines as text, or as JSON objects (with the request id) for log "
@@ -81,6 +84,11 @@ class ServerConfig:
     def store(self) -> str:
         """Where sessions are kept ("" = this process's memory)."""
         return self.session_store or self.session_dir
+
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
 
     def torch_device(self) -> str:
         """The device to load the model on; a CUDA device that is not there is a config error."""

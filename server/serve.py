@@ -28,7 +28,8 @@ log = logging.getLogger("mcserve")
 def create_app(config: ServerConfig) -> FastAPI:
     tenants = TenantDirectory.from_config(config.api_key, config.api_keys_file)  # a bad keys file fails first
     model_dir = Path(config.model) if config.model else models.default_model_path()
-    model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides())
+    model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides(),
+                        dtype=config.torch_dtype())
     store = SessionStore(model.fingerprint, open_backend(config.store), config.limits,
                          ckpt_dtype=config.engine.ckpt_dtype, durability=config.session_durability,
                          lease_s=config.session_lease_s)

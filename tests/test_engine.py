@@ -81,6 +81,19 @@ def test_packed_prefill_at_odd_positions_equals_one_at_a_time(arch, memory, aggr
     assert_pools_empty(engine)
 
 
+@pytest.mark.parametrize("arch,memory,aggregation", [("mcserve", "gla", "grm"), ("mamba2", "gla", "ssc"),
+                                                     ("gated_deltanet", "delta", "soup")])
+def test_bf16_weights_engine_equals_the_bf16_model(arch, memory, aggregation):
+    """Weights in bf16 (the server's --dtype bf16): the engine's pools stay fp32, and its greedy
+    outputs are the bf16 model's own."""
+    model = tiny_model(arch=arch, memory=memory, aggregation=aggregation).to(torch.bfloat16)
+    engine = make_engine(model)
+    ps = prompts(5, seed=7)
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
+        assert out == reference_greedy(model, prompt, 12), prompt
+    assert_pools_empty(engine)
+
+
 def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
     model = tiny_model(memory="gla", aggregation="grm")
     ps = prompts(4, seed=3, lengths=(14, 11, 16, 9))

@@ -126,6 +126,14 @@ def test_bf16_weights_load(saved):
     assert torch.allclose(loaded.embed.weight, model.embed.weight, atol=1e-2)
 
 
+def test_load_in_bf16_casts_the_weights_and_changes_the_fingerprint(saved):
+    model, path = saved
+    loaded = models.load(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.fingerprint != model.fingerprint  # sessions are kept per dtype
+    assert torch.equal(loaded.embed.weight, model.embed.weight.to(torch.bfloat16))
+
+
 def test_truncated_weights_are_named(saved):
     _, path = saved
     data = (path / "model.safetensors").read_bytes()

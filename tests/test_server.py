@@ -256,3 +256,20 @@ def test_a_request_longer_than_the_pool_can_hold_is_refused_at_once(model_dir):
         usage = full["usage"]
         assert full["choices"][0]["finish_reason"] == "length"
         assert usage["prompt_tokens"] + usage["completion_tokens"] == limit
+
+
+def test_bf16_weights_serve_and_keep_sessions_per_dtype(model_dir, tmp_path):
+    """--dtype bf16: the weights are cast on load, a session resumes on the same dtype, and a
+    fingerprint of its own keeps an fp32 server from reading it."""
+    sessions = tmp_path / "sessions"
+    body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 4, "temperature": 0, "session_id": "s"}
+    with running_server(model_dir, sessions, dtype="bf16") as (url, app):
+        assert {p.dtype.__repr__() for p in app.state.mc.engine.engine.model.parameters()} == {"torch.bfloat16"}
+        first = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert first.status_code == 200, first.text
+        bf16_fingerprint = httpx.get(url + "/version").json()["fingerprint"]
+        history = USER + [first.json()["choices"][0]["message"], {"role": "user", "content": "more"}]
+        second = httpx.post(url + "/v1/chat/completions", json={**body, "messages": history}, timeout=30)
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    with running_server(model_dir, sessions) as (url, app):
+        assert httpx.get(url + "/version").json()["fingerprint"] != bf16_fingerprint
