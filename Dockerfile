@@ -36,7 +36,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY models ./models
 COPY engine ./engine
-COPY kernels ./kernels
+COPY mckernels ./mckernels
 COPY server ./server
 RUN pip install --no-deps --no-build-isolation . \
     && rm -rf build ./*.egg-info \

@@ -24,17 +24,17 @@ if not torch.cuda.is_available():
 import triton
 import triton.testing
 
-from kernels import fla_baseline
-from kernels.cached_readout import cached_readout_ref
-from kernels.cached_readout.triton_kernel import cached_readout_triton
-from kernels.chunk_prefill.reference import chunk_prefill_ref, chunk_scan_terms_ref
-from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
-from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
-from kernels.decode_step import decode_step_ref
-from kernels.decode_step.triton_kernel import decode_step_triton
-from kernels.fla_baseline import fla_decode_step
-from kernels.segment_end.reference import segment_end_ref
-from kernels.segment_end.triton_kernel import segment_end_triton
+from mckernels import fla_baseline
+from mckernels.cached_readout import cached_readout_ref
+from mckernels.cached_readout.triton_kernel import cached_readout_triton
+from mckernels.chunk_prefill.reference import chunk_prefill_ref, chunk_scan_terms_ref
+from mckernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+from mckernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+from mckernels.decode_step import decode_step_ref
+from mckernels.decode_step.triton_kernel import decode_step_triton
+from mckernels.fla_baseline import fla_decode_step
+from mckernels.segment_end.reference import segment_end_ref
+from mckernels.segment_end.triton_kernel import segment_end_triton
 from models.config import ModelConfig
 from models.memory import build_memory
 

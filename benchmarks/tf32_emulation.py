@@ -1,5 +1,5 @@
 """How far the chunked prefill drifts from fp64 when its products run in TF32 or tf32x3, emulated on
-the CPU (why `DOT_PRECISION` in kernels/chunk_prefill is tf32x3; the interpreter computes in fp32).
+the CPU (why `DOT_PRECISION` in mckernels/chunk_prefill is tf32x3; the interpreter computes in fp32).
 
     python -m benchmarks.tf32_emulation  # 4096 tokens, 4 heads, dk = dv = chunk = 64
 
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from kernels.chunk_prefill.reference import chunk_prefill_ref
+from mckernels.chunk_prefill.reference import chunk_prefill_ref
 
 
 def to_tf32(x: torch.Tensor) -> torch.Tensor:

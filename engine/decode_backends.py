@@ -8,8 +8,8 @@ end to the pooled memories; the mixer's math, and the rule of the segment end
   `update`, and scattered back; the checkpoints are read through the block tables by torch
   (`PooledCheckpoints`); the segment end writes what `close_segment` returned.
 - `TritonDecode` (the CUDA path): the online memories stay in the slot pool and
-  `kernels/decode_step` updates them in place; `kernels/cached_readout` walks the block tables;
-  `kernels/segment_end` (whose torch reference is `segment_end_ref`) copies and resets in place.
+  `mckernels/decode_step` updates them in place; `mckernels/cached_readout` walks the block tables;
+  `mckernels/segment_end` (whose torch reference is `segment_end_ref`) copies and resets in place.
   `soup` runs as `grm` (equal for matrix memories).
 
 Both have a fixed shape (no host-side branching), so a step can be captured in a CUDA graph.
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.cached_readout.triton_kernel import cached_readout_triton
-from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
-from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
-from kernels.decode_step.triton_kernel import decode_step_triton
-from kernels.segment_end.triton_kernel import segment_end_triton
+from mckernels.cached_readout.triton_kernel import cached_readout_triton
+from mckernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+from mckernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+from mckernels.decode_step.triton_kernel import decode_step_triton
+from mckernels.segment_end.triton_kernel import segment_end_triton
 from models.checkpoints import TorchCheckpoints
 
 __all__ = ["PooledCheckpoints", "PrefillKernels", "TorchDecode", "TritonDecode"]
@@ -64,7 +64,7 @@ class PooledCheckpoints(TorchCheckpoints):
 
 
 class TritonCheckpoints:
-    """The cached read-out on `kernels/cached_readout`, over the same pools and tables."""
+    """The cached read-out on `mckernels/cached_readout`, over the same pools and tables."""
 
     def __init__(self, ckpt: torch.Tensor, summary: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor):
         self.pool, self.summary, self.table, self.lengths = ckpt, summary, table, lengths

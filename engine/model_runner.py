@@ -9,7 +9,7 @@ Pools (all layers in one tensor each, indexed [layer, id, ...]):
 - a host copy of the block pool for swapping (same layout, CPU memory).
 
 The math is the model's own: prefill runs `Mixer.chunked` on a state gathered from the pools
-(with its chunk loop on `kernels/chunk_prefill` when the Triton path is on); decode runs
+(with its chunk loop on `mckernels/chunk_prefill` when the Triton path is on); decode runs
 `Mixer.decode_step` through a decode backend (engine/decode_backends.py: torch, or the Triton
 kernels in place on the pools) and `Mixer.close_segment` for the segment end. This file only
 moves data in and out of the pools.

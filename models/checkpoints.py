@@ -15,7 +15,7 @@ import abc
 
 import torch
 
-from kernels.aggregation import gate_weights, ssc_topk
+from mckernels.aggregation import gate_weights, ssc_topk
 
 from .config import ModelConfig
 from .memory import Memory

@@ -89,7 +89,7 @@ def _decay_matrix(G: torch.Tensor) -> torch.Tensor:
 class GatedLinearMemory(Memory):
     """`M_t = a_t M_{t-1} + k_t v_t^T`; with `a_t = 1` this is plain linear attention."""
 
-    fusable_scan = True  # kernels/chunk_prefill implements its chunk loop
+    fusable_scan = True  # mckernels/chunk_prefill implements its chunk loop
 
     def __init__(self, config: ModelConfig, decay: bool):
         super().__init__()

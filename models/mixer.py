@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.aggregation import gate_weights
+from mckernels.aggregation import gate_weights
 
 from .checkpoints import DenseCheckpoints
 from .chunk_layout import ChunkLayout
@@ -372,7 +372,7 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
         segment's checkpoint, with the mean of the segment's keys as its summary; the key sum
         restarts at zero, and so does M under boundary "reset". `ends` [B] bool applies it to
         some rows only (a decode batch at different positions). M is None when the backend
-        keeps the memories in a pool: the segment_end op (kernels/segment_end: the same rule)
+        keeps the memories in a pool: the segment_end op (mckernels/segment_end: the same rule)
         updates them in place. Returns (checkpoint, summary, M after, key sum after)."""
         reset = self.config.boundary == "reset"
         summary = key_sum / self.config.segment_size

@@ -29,7 +29,7 @@ from server.config import ServerConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-SOURCE_DIRS = ("models", "engine", "kernels", "server")
+SOURCE_DIRS = ("models", "engine", "mckernels", "server")
 OLDEST_K8S = "1.29.0"  # and the newest kubernetes-validate knows
 
 
@@ -260,7 +260,7 @@ def test_build_context_wheel_carries_the_bundled_model(tmp_path):
 
 
 def test_a_checkouts_wheel_takes_the_four_layers_only():
-    """pyproject's package list finds models, engine, kernels and server and nothing beside them:
+    """pyproject's package list finds models, engine, mckernels and server and nothing beside them:
     benchmarks/, evals/ (with its haystack text), loadtests/ and tests/ run from a checkout and stay
     out of a wheel built from one, not only out of the image, whose context leaves them out anyway."""
     setuptools = pytest.importorskip("setuptools")

@@ -15,8 +15,8 @@ import models
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
-from kernels import interpreted
-from kernels.fla_baseline import keep_first_autotune_configs
+from mckernels import interpreted
+from mckernels.fla_baseline import keep_first_autotune_configs
 from tests.reference_helpers import VOCAB, path_errors, reference_pair, save_reference, served_text, tokens
 
 fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is not installed")

@@ -1,4 +1,4 @@
-"""Imports run only downwards through the library's layers: server > engine > models > kernels.
+"""Imports run only downwards through the library's layers: server > engine > models > mckernels.
 
 A lower layer that imports a higher one drags the whole stack (and its dependencies) into what
 should stand alone: kernels are pure ops, models run without an engine, the engine without a
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("benchmarks", "evals", "loadtests")
 ABOVE = {
-    "kernels": ("models", "engine", "server"),
+    "mckernels": ("models", "engine", "server"),
     "models": ("engine", "server"),
     "engine": ("server",),
     "server": (),
@@ -60,4 +60,4 @@ def test_a_layer_imports_nothing_above_it(layer):
 def test_the_check_sees_downward_imports():
     """Not vacuous: the engine's modules do load the models and the kernels beneath it."""
     tops = {name.split(".")[0] for name in import_everything("engine")["loaded"]}
-    assert {"engine", "models", "kernels"} <= tops
+    assert {"engine", "models", "mckernels"} <= tops

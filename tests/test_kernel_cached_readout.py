@@ -4,8 +4,8 @@ tables (including empty ones), fp32 and bf16 storage. Interpreter on the CPU, re
 import pytest
 import torch
 
-from kernels.cached_readout import MODES, cached_readout_ref
-from kernels.cached_readout.triton_kernel import cached_readout_triton
+from mckernels.cached_readout import MODES, cached_readout_ref
+from mckernels.cached_readout.triton_kernel import cached_readout_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -83,7 +83,7 @@ def test_ssc_ties_pick_the_earliest_checkpoints():
 
 
 def test_split_heuristic_fills_the_gpu_only_when_needed():
-    from kernels.cached_readout.triton_kernel import num_splits
+    from mckernels.cached_readout.triton_kernel import num_splits
     assert num_splits(256, 16, 1, 32) == 1          # 4096 programs: enough already
     assert num_splits(1, 16, 1, 32) == 8            # 16 programs: split, 4 checkpoints each
     assert num_splits(1, 16, 1, 3) == 1             # too few checkpoints to share

@@ -4,8 +4,8 @@ chunked path (so the kernel is tied to the model's equations). Interpreter on th
 import pytest
 import torch
 
-from kernels.chunk_prefill import chunk_prefill_ref
-from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+from mckernels.chunk_prefill import chunk_prefill_ref
+from mckernels.chunk_prefill.triton_kernel import chunk_prefill_triton
 from models.config import ModelConfig
 from models.memory import build_memory
 
@@ -81,8 +81,8 @@ def test_mixer_prefill_on_the_kernel_equals_torch(memory, boundary, aggregation)
 @pytest.mark.parametrize("reset", [False, True])
 def test_terms_scan_kernel_matches_reference(memory, L, reset):
     """The chunk loop over precomputed terms (the delta rule's path; gla without W), odd sizes."""
-    from kernels.chunk_prefill import chunk_scan_terms_ref
-    from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+    from mckernels.chunk_prefill import chunk_scan_terms_ref
+    from mckernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
 
     cfg = ModelConfig(memory=memory, d_model=8, n_heads=3, dk=7, dv=9)
     mem = build_memory(cfg)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kernels.compile_check import SM_LIMITS, SMLimits, occupancy, widest_global_load
+from mckernels.compile_check import SM_LIMITS, SMLimits, occupancy, widest_global_load
 
 KERNELS = ["decode_step gla", "decode_step delta", "cached_readout residual fp32", "cached_readout grm bf16",
            "cached_readout ssc fp32", "cached_readout ssc bf16", "segment_end fp32", "segment_end bf16",
@@ -21,7 +21,7 @@ KERNELS = ["decode_step gla", "decode_step delta", "cached_readout residual fp32
 
 def run_compile_check(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "kernels.compile_check", *argv]
+    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "mckernels.compile_check", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -52,8 +52,8 @@ def test_every_kernel_compiles_for_the_gpu_and_fits(argv):
 def test_a_kernel_over_the_shared_memory_limit_is_refused():
     """Triton's default of three pipeline stages: at dk = dv = 128 the delta scan needs 256 KiB
     (an H100 gives a block 227 KiB)."""
-    code = ("import sys; from kernels.chunk_prefill import triton_kernel as tk; "
-            "tk.LAUNCH.update(num_stages=3); from kernels.compile_check import main; "
+    code = ("import sys; from mckernels.chunk_prefill import triton_kernel as tk; "
+            "tk.LAUNCH.update(num_stages=3); from mckernels.compile_check import main; "
             "sys.exit(main(sys.argv[1:]))")
     done = run_compile_check("--arch", "90", "--dk", "128", "--dv", "128", code=code)
     assert done.returncode == 1
@@ -66,7 +66,7 @@ def test_spills_fail_the_check_when_asked():
 
 
 def test_interpreter_mode_is_a_clear_error():
-    done = subprocess.run([sys.executable, "-m", "kernels.compile_check"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "mckernels.compile_check"], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
 
@@ -88,9 +88,9 @@ def test_occupancy_takes_the_tightest_limit(monkeypatch):
 
 COUNT_COMPILES = """
 import torch
-from kernels.compile_only import compile_only
-from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
-from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+from mckernels.compile_only import compile_only
+from mckernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+from mckernels.chunk_prefill.triton_kernel import chunk_prefill_triton
 H, dk, dv, L, BH = 2, 16, 16, 16, 2
 with compile_only(90) as launches:
     for N in (1, 2, 3, 5, 16, 17):
@@ -115,8 +115,8 @@ def test_one_compiled_prefill_kernel_serves_every_prompt_length():
 TWO_ARCHS = """
 import torch
 from triton.runtime import driver
-from kernels.compile_only import compile_only
-from kernels.decode_step.triton_kernel import decode_step_triton
+from mckernels.compile_only import compile_only
+from mckernels.decode_step.triton_kernel import decode_step_triton
 state, q, v, a = torch.zeros(2, 1, 16, 16), torch.randn(2, 1, 16), torch.randn(2, 1, 16), torch.zeros(2, 1)
 targets = []
 for arch in (80, 90):

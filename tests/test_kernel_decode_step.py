@@ -4,8 +4,8 @@ Runs in the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET) and f
 import pytest
 import torch
 
-from kernels.decode_step import decode_step_ref
-from kernels.decode_step.triton_kernel import decode_step_triton
+from mckernels.decode_step import decode_step_ref
+from mckernels.decode_step.triton_kernel import decode_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,7 +59,7 @@ def test_decode_step_kernel_matches_flash_linear_attention(memory):
     """fla's fused_recurrent (simple_gla / gated delta rule) computes the same step: an oracle
     written by others, and the baseline `benchmarks.kernel_bench` times ours against."""
     pytest.importorskip("fla", reason="fla-core is not installed")
-    from kernels.fla_baseline import fla_decode_step, load
+    from mckernels.fla_baseline import fla_decode_step, load
     fla = load()
     B, H, dk, dv = 3, 2, 12, 70
     state, q, k, v, log_a, beta = inputs(B, H, dk, dv, B, memory, seed=3)

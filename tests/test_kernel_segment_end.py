@@ -4,8 +4,8 @@ bf16 storage, odd sizes. Interpreter on the CPU, real on CUDA."""
 import pytest
 import torch
 
-from kernels.segment_end import segment_end_ref
-from kernels.segment_end.triton_kernel import segment_end_triton
+from mckernels.segment_end import segment_end_ref
+from mckernels.segment_end.triton_kernel import segment_end_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

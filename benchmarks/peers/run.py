@@ -84,11 +84,11 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def mcserve_command(port: int, session_dir: str) -> list[str]:
+def mcserve_command(port: int, session_dir: str, dtype: str) -> list[str]:
     exe = Path(sys.executable).with_name("mcserve")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
     return base + ["serve", "--port", str(port), "--served-model-name", "mcserve", "--compile-decode", "on",
-                   "--session-store", session_dir]
+                   "--dtype", dtype, "--session-store", session_dir]
 
 
 def vllm_command(model_dir: Path, name: str, port: int, prefix_caching: bool, dtype: str | None) -> list[str]:
@@ -109,7 +109,7 @@ VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB,
 
 def build_variant(name: str, port: int, session_dir: str, opts) -> Variant:
     if name == "mcserve":
-        return Variant(name, "mcserve", "mcserve", mcserve_command(port, session_dir))
+        return Variant(name, "mcserve", "mcserve", mcserve_command(port, session_dir, opts.mcserve_dtype))
     llama = vllm_command(MODELS / "llama", "llama-peer", port, True, opts.vllm_dtype)
     if name == "vllm-llama":
         return Variant(name, "vllm", "llama-peer", llama, dict(VLLM_ENV))
@@ -574,6 +574,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the one short request each server gets before its timed load")
     parser.add_argument("--vllm-dtype", help="vLLM's --dtype (default: vLLM's choice, bfloat16 on the CPU)")
+    parser.add_argument("--mcserve-dtype", default="bf16", choices=("fp32", "bf16"),
+                        help="mcserve's --dtype (default bf16, as vLLM's default on the CPU)")
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime import driver
 from triton.runtime.jit import KernelInterface
 
-from kernels import interpreted
+from mckernels import interpreted
 
 
 class CompileOnlyDriver(DriverBase):

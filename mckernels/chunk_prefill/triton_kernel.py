@@ -17,7 +17,7 @@ import triton.language as tl
 # does not model and which would round every chunk's contribution to the carried state. tf32x3
 # splits each operand into two TF32 parts and keeps fp32-level accuracy on the tensor cores.
 DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
-# Figures from `python -m kernels.compile_check` (sm_90, dk = dv = chunk = 64). Not tuned on a GPU.
+# Figures from `python -m mckernels.compile_check` (sm_90, dk = dv = chunk = 64). Not tuned on a GPU.
 # - One pipeline stage: each stage is another copy of every tile in shared memory. With Triton's
 #   default of three (and TF32 products, 64-wide dv tiles) the delta scan needed 256 KiB, more
 #   than the 227 KiB an H100 gives a block: it could not launch. Now 16-32 KiB a kernel.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.aggregation import gate_weights
+from mckernels.aggregation import gate_weights
 
 MODES = ("residual", "grm", "soup", "ssc")
 

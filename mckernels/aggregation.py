@@ -4,7 +4,7 @@ Scores are `r = <u_t, s> / sqrt(dk)` for every visible cached segment and for th
 `grm`/`soup` take a softmax over all of them; `ssc` keeps only the `top_k` best cached segments
 (the online memory always takes part) before the softmax. `residual` and `none` have no scores.
 
-Plain torch, kept with the kernels: the cached read-out's reference (`kernels.cached_readout`)
+Plain torch, kept with the kernels: the cached read-out's reference (`mckernels.cached_readout`)
 gates with it, and kernels import nothing above them; the model's mixer imports it from here.
 """
 

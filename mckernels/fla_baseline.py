@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from kernels import interpreted
+from mckernels import interpreted
 
 
 def _first_autotune_config(configs, key, **kwargs):

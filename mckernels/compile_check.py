@@ -2,9 +2,9 @@
 what ptxas made of each: registers, spills, shared memory, the widest global load and the
 theoretical occupancy. A kernel that spills or stops vectorising its loads shows up here first.
 
-    python -m kernels.compile_check                          # sm_90 (H100/H200), 16 heads, dk = dv = 64
-    python -m kernels.compile_check --arch 80 --heads 4      # A100, the bundled model's heads
-    python -m kernels.compile_check --fail-on-spill          # exit 1 if any kernel spills
+    python -m mckernels.compile_check                          # sm_90 (H100/H200), 16 heads, dk = dv = 64
+    python -m mckernels.compile_check --arch 80 --heads 4      # A100, the bundled model's heads
+    python -m mckernels.compile_check --fail-on-spill          # exit 1 if any kernel spills
 
 The kernels run through their own wrappers on CPU tensors, so each launch compiles with the very
 arguments (constexprs, dtypes, alignment) the engine would pass. Run it with TRITON_INTERPRET unset.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels import interpreted
-from kernels.compile_only import compile_only
+from mckernels import interpreted
+from mckernels.compile_only import compile_only
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,11 @@ def occupancy(arch: int, warps: int, regs: int, shared: int) -> float:
 
 def workloads(H: int, dk: int, dv: int, chunk: int):
     """(label, thunk) pairs: each thunk calls one kernel wrapper as the engine does."""
-    from kernels.cached_readout.triton_kernel import cached_readout_triton
-    from kernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
-    from kernels.chunk_prefill.triton_kernel import chunk_prefill_triton
-    from kernels.decode_step.triton_kernel import decode_step_triton
-    from kernels.segment_end.triton_kernel import segment_end_triton
+    from mckernels.cached_readout.triton_kernel import cached_readout_triton
+    from mckernels.chunk_prefill.terms_kernel import chunk_scan_terms_triton
+    from mckernels.chunk_prefill.triton_kernel import chunk_prefill_triton
+    from mckernels.decode_step.triton_kernel import decode_step_triton
+    from mckernels.segment_end.triton_kernel import segment_end_triton
 
     B, n, T = 8, 32, 4 * chunk
     slots = torch.arange(B)
