@@ -24,7 +24,10 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, start_thread: bool = True):
+        """With `start_thread` False, the caller runs `run_loop` in a thread of its choosing (the
+        server gives it the process's main thread, where prefill runs faster than on another:
+        docs/benchmarks.md)."""
         self.engine = engine
         # Called (in the engine thread) with every output as it is produced, aborts included:
         # the one place where metrics see each request finish exactly once.
@@ -37,9 +40,10 @@ class AsyncEngine:
         self._accepting = True
         self._stop = False
         self._shutdown: asyncio.Future | None = None
-        self._thread = threading.Thread(target=self._loop, name="mcserve-engine", daemon=True)
-        self._thread.start()
+        self._loop_done = threading.Event()
         self.step_error: BaseException | None = None
+        if start_thread:
+            threading.Thread(target=self.run_loop, name="mcserve-engine", daemon=True).start()
 
     # --- requests --------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
@@ -135,9 +139,21 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.sessions.flush)
         self._stop = True
         self._wakeup.set()
-        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self._loop_done.wait, 10)
 
     # --- the loop --------------------------------------------------------------------------
+    def run_loop(self) -> None:
+        """Step the engine until shutdown; returns when the loop has stopped."""
+        try:
+            self._loop()
+        finally:
+            self._loop_done.set()
+
+    def stop_loop(self) -> None:
+        """Stop the loop without draining (the HTTP side ended before any shutdown began)."""
+        self._stop = True
+        self._wakeup.set()
+
     def _loop(self) -> None:
         while not self._stop:
             with self._lock:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -25,7 +27,9 @@ from .tenants import TenantDirectory
 log = logging.getLogger("mcserve")
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig, engine_thread: bool = True) -> FastAPI:
+    """The app over a started engine; with `engine_thread` False the caller runs the engine's
+    loop (`run_server`: on the main thread)."""
     tenants = TenantDirectory.from_config(config.api_key, config.api_keys_file)  # a bad keys file fails first
     model_dir = Path(config.model) if config.model else models.default_model_path()
     model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides(),
@@ -33,7 +37,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     store = SessionStore(model.fingerprint, open_backend(config.store), config.limits,
                          ckpt_dtype=config.engine.ckpt_dtype, durability=config.session_durability,
                          lease_s=config.session_lease_s)
-    engine = AsyncEngine(LLMEngine(model, config.engine, store))
+    engine = AsyncEngine(LLMEngine(model, config.engine, store), start_thread=engine_thread)
     log.info("max_model_len %d tokens (%d device checkpoint blocks of %d tokens)", engine.engine.max_model_len,
              config.engine.num_device_blocks, model.config.segment_size)
     return build_app(engine, config, config.served_model_name or model_dir.name, tenants)
@@ -70,5 +74,27 @@ def uvicorn_config(app: FastAPI, config: ServerConfig, log_level: str = "info") 
 def run_server(config: ServerConfig) -> None:
     configure_logging(config.log_format)
     log.info("config %s", json.dumps(config.describe()))
-    app = create_app(config)
-    DrainingServer(uvicorn_config(app, config), app, config.shutdown_grace_s).run()
+    app = create_app(config, engine_thread=False)
+    engine: AsyncEngine = app.state.mc.engine
+    server = DrainingServer(uvicorn_config(app, config), app, config.shutdown_grace_s)
+
+    failed: list[BaseException] = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # noqa: BLE001 - uvicorn's sys.exit(1) (a port in use): the process's
+            failed.append(e)
+        finally:
+            engine.stop_loop()  # a no-op after a drain; ends the loop if uvicorn stopped on its own
+
+    # The engine steps on the main thread (prefill runs 1.3x faster there than on another thread
+    # here), HTTP on its own; signals arrive on the main thread, so they are handed to uvicorn.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http = threading.Thread(target=serve_http, name="mcserve-http")
+    http.start()
+    engine.run_loop()
+    http.join()
+    if failed:
+        raise failed[0]
