@@ -10,7 +10,8 @@ Each load runs against a fresh server (started, waited for, loaded, stopped), wi
 set loadtests/bench_serve.py draws anew on every run (no --seed), so that no server reads a prefix
 cache warmed by an earlier load. Variants:
 
-- mcserve:        `mcserve serve` on the bundled model, compiled decode, sessions in a temp dir;
+- mcserve:        `mcserve serve` on the bundled model, compiled decode, bf16 weights (--mcserve-dtype),
+                  sessions in a temp dir;
 - vllm-llama:     vLLM on the Llama peer, its default thread binding, prefix caching on (default);
 - vllm-llama-2t:  the same with VLLM_CPU_OMP_THREADS_BIND=0-1 (2 compute threads);
 - vllm-mamba2:    vLLM on the Mamba2 peer without prefix caching (vLLM 0.32's CPU build crashed with
