@@ -136,12 +136,12 @@ class ModelRunner:
                                                                              lengths), at=last)
         # Each row's new checkpoints follow the old ones of the longest block table.
         first_new = max(len(t) for t in block_tables)
-        rows = [b for b, ids in enumerate(new_blocks) for _ in ids]
+        rows = [b for b, blocks in enumerate(new_blocks) for _ in blocks]
         if rows:
             row_index = torch.tensor(rows, device=self.device)
-            ckpt_index = torch.tensor([first_new + j for ids in new_blocks for j in range(len(ids))],
+            ckpt_index = torch.tensor([first_new + j for blocks in new_blocks for j in range(len(blocks))],
                                       device=self.device)
-            targets = [block for ids in new_blocks for block in ids]
+            targets = [block for blocks in new_blocks for block in blocks]
         for i, st in enumerate(states):
             if rows:
                 self._write_new_blocks(i, targets, st.ckpts[row_index, :, ckpt_index],

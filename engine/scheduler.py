@@ -117,10 +117,10 @@ class Scheduler:
             if work is not None:
                 plan.decodes.append(work)
                 budget -= 1
-        if plan.decodes:
+        if plan.decodes and self.config.max_prefill_while_decoding:
             # Running streams first: a burst of new prompts is read a bounded chunk per step, so that
             # it stretches their inter-token latency by that much and no more.
-            budget = min(budget, self.config.max_prefill_while_decoding or budget)
+            budget = min(budget, self.config.max_prefill_while_decoding)
         for seq in list(self.running):
             if seq in self.running and self._remaining(seq) > 1 and budget > 0:
                 work = self._plan_prefill(seq, budget, plan)

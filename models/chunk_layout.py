@@ -33,11 +33,6 @@ class ChunkLayout:
         # the same chunks (the model's own batches; a packed prefill of aligned equal chunks).
         self.uniform = len(set(self.fronts)) == 1 and len(set(lengths)) == 1
 
-    @classmethod
-    def aligned(cls, batch: int, start: int, length: int, chunk: int, segment: int) -> "ChunkLayout":
-        """Every row at the same position with the same length (the model's own batches)."""
-        return cls([start] * batch, [length] * batch, chunk, segment)
-
     # --- segment ends ----------------------------------------------------------------------
     @cached_property
     def ends(self) -> list[list[bool]]:

@@ -186,15 +186,15 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
             chunks = (lambda n, M: self.memory.chunk_advance(per_chunk[n], M))
         n_old = st.ckpts.shape[2]
         online, key_sum_at_start = self._scan(chunks, k, st, p, layout)
-        # Checkpoints each row sees at each chunk: its old ones, and those it made before [B,N].
-        seen = torch.tensor([[n_old + made for made in row] for row in layout.new_before], device=x.device)
-
         if c.aggregation == "none" or st.ckpts.shape[2] == 0:
             y = online
-        elif c.aggregation == "residual":
-            y = online + self._chunked_residual(q, st, seen)
         else:
-            y = self._chunked_gated(q, u, k, online, st, seen, key_sum_at_start, layout)
+            # Checkpoints each row sees at each chunk: its old ones, and those it made before [B,N].
+            seen = torch.tensor([[n_old + made for made in row] for row in layout.new_before], device=x.device)
+            if c.aggregation == "residual":
+                y = online + self._chunked_residual(q, st, seen)
+            else:
+                y = self._chunked_gated(q, u, k, online, st, seen, key_sum_at_start, layout)
         return self.finish(layout.from_grid(y.flatten(2, 3)), p, x)
 
     def _fused_chunks(self, scan, q, k, v, log_a, beta, M0, layout: ChunkLayout):
@@ -260,8 +260,9 @@ class Mixer(nn.Module, metaclass=abc.ABCMeta):
         most = max(layout.num_new)
         # pick[b][j]: which of `made` is row b's j-th new checkpoint (0 for padding)
         pick = [[i for i, (n, _, _) in enumerate(made) if layout.ends[b][n]] for b in range(B)]
-        offsets = [[layout.end_offset(b, made[i][0]) for i in row] + [0] * (most - len(row)) for b, row in enumerate(pick)]
-        pick = [row + [0] * (most - len(row)) for row in pick]
+        padded = lambda row: row + [0] * (most - len(row))
+        offsets = [padded([layout.end_offset(b, made[i][0]) for i in row]) for b, row in enumerate(pick)]
+        pick = [padded(row) for row in pick]
         if layout.same_ends:  # every row ended at every chunk of `made`
             new_ckpts, new_summaries = ckpts, summaries
         else:
