@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .options import ConfigError, check_options, option
@@ -20,7 +21,9 @@ class EngineConfig:
                                     unit="blocks")
     num_host_blocks: int = option(2048, "checkpoint blocks in host memory, where preempted requests are "
                                   "swapped (0: preemption recomputes)", unit="blocks")
-    ckpt_dtype: str = option("fp32", "how checkpoints are stored (read in fp32)", choices=("fp32", "bf16"))
+    ckpt_dtype: str = option("auto", "how checkpoints are stored (read in fp32); auto: as the weights (bf16 "
+                             "weights, bf16 checkpoints: half the bytes each decode step reads)",
+                             choices=("auto", "fp32", "bf16"))
     max_prefill_chunk: int = option(1024, "longest prefill chunk of one sequence in one step (cut on "
                                     "segment boundaries)", unit="tokens")
     max_prefill_while_decoding: int = option(
@@ -38,6 +41,10 @@ class EngineConfig:
         "server's other work on a small machine; prefill keeps all threads", unit="threads")
     compile_decode: bool = option(False, "compile the decode step with torch.compile (torch kernels; "
                                   "about a minute of compiling at start, cached on disk after)")
+
+    def for_weights(self, weights: str) -> EngineConfig:
+        """This config with an "auto" checkpoint dtype resolved to the weights' ("fp32"/"bf16")."""
+        return self if self.ckpt_dtype != "auto" else dataclasses.replace(self, ckpt_dtype=weights)
 
     def __post_init__(self) -> None:
         check_options(self, EngineConfigError,

@@ -79,9 +79,9 @@ class LLMEngine:
         hold_freed_memory()
         self.model = model
         self.sessions = sessions
-        self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
-        self.runner = ModelRunner(model, self.config)
+        self.runner = ModelRunner(model, config or EngineConfig())
+        self.config = self.runner.config  # with the checkpoint dtype resolved
         if self.config.compile_decode:
             self.runner.precompile_decode(lambda done, total: log.info(
                 "compiling the decode step: %d of %d graphs", done, total))

@@ -21,6 +21,7 @@ import contextlib
 import functools
 
 import torch
+import torch._inductor.config as inductor_config
 
 from models import MCModel
 from models.state import LayerState
@@ -36,21 +37,31 @@ def compiled_decode(math):
     """The decode math under torch.compile (Inductor; C++ on the CPU). Shapes are dynamic, so one
     graph serves every batch size and block-table width; torch specializes sizes 0 and 1, and
     `precompile_decode` builds those graphs at start. The pools are read, never written, inside
-    the graph: a written pool would be copied whole on every step."""
-    return torch.compile(math, dynamic=True)
+    the graph: a written pool would be copied whole on every step. The weights are frozen into
+    the graph (Inductor's `freezing`): on the CPU its linears run on prepacked oneDNN weights,
+    10-20% of a bf16 step (docs/benchmarks.md); the pools, not parameters, stay inputs."""
+    compiled = torch.compile(math, dynamic=True)
+
+    def run(*args, **kwargs):
+        # Set around every call, not given as `options`: graphs compile lazily (and again for a
+        # new shape), and torch.compile's options do not reach the freezing pass.
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+    return run
 
 
 class ModelRunner:
     def __init__(self, model: MCModel, config: EngineConfig):
-        self.model, self.config = model.eval(), config
+        weights = model.embed.weight
+        self.model, self.config = model.eval(), config.for_weights("bf16" if weights.dtype == torch.bfloat16 else "fp32")
         c = model.config
-        self.device = model.embed.weight.device
+        self.device = weights.device
         self.segment_size = c.segment_size
         self.carry = c.boundary == "carry"
         L, H, dk, dv = c.n_layers, c.n_heads, c.dk, c.dv
         conv = model.blocks[0].mixer.conv
         conv_shape = (conv.width - 1, conv.weight.shape[0]) if conv is not None else None
-        store = STORAGE_DTYPES[config.ckpt_dtype]
+        store = STORAGE_DTYPES[self.config.ckpt_dtype]
 
         def pool(n: int, device) -> dict[str, torch.Tensor]:
             tensors = {"ckpt": torch.zeros(L, n, H, dk, dv, dtype=store, device=device),
@@ -157,7 +168,13 @@ class ModelRunner:
         checkpoint to its entry of `new_blocks`. Returns logits [B, V]."""
         batch = self.decode_batch(slots, block_tables, positions, tokens, new_blocks)
         with self.decode_threads():
-            return self.graphs.run(batch) if self.graphs is not None else self.decode_static(**batch)
+            if self.graphs is not None:
+                return self.graphs.run(batch)
+            # Off the static path the host knows which rows end a segment: only their blocks
+            # are written (most steps none), not every row's to the spare block.
+            ending = None if self.use_triton else torch.tensor(
+                [b for b, block in enumerate(new_blocks) if block is not None], dtype=torch.long, device=self.device)
+            return self.decode_static(**batch, ending=ending)
 
     @contextlib.contextmanager
     def decode_threads(self):
@@ -189,13 +206,15 @@ class ModelRunner:
                 "lengths": as_tensor([len(t) for t in block_tables] + [0] * pad, torch.int32),
                 "end_blocks": as_tensor(ends)}
 
-    def decode_static(self, tokens, positions, slot_ids, table, lengths, end_blocks) -> torch.Tensor:
+    def decode_static(self, tokens, positions, slot_ids, table, lengths, end_blocks,
+                      ending: torch.Tensor | None = None) -> torch.Tensor:
         """The decode step with no host-side branching (so it can be captured in a CUDA graph):
         which rows end a segment is known only on the device. A row's segment ends by its
         position; its checkpoint goes to its block of `end_blocks` (every other row writes to
-        the spare block)."""
+        the spare block). With `ending` (the rows that write a block, known on the host), only
+        those rows' blocks are written."""
         logits, rows, targets, layers = self.decode_math(tokens, positions, slot_ids, table, lengths, end_blocks)
-        self._write_decode(slot_ids, rows, targets, layers)
+        self._write_decode(slot_ids, rows, targets, layers, ending)
         return logits
 
     def precompile_decode(self, progress=None) -> None:
@@ -232,18 +251,20 @@ class ModelRunner:
 
         return self.model.run_layers(tokens[:, None], mix)[:, 0], rows, targets, layers
 
-    def _write_decode(self, slot_ids, rows, targets, layers) -> None:
+    def _write_decode(self, slot_ids, rows, targets, layers, ending: torch.Tensor | None = None) -> None:
         """Write what the step's math gave back to the pools (layers are independent, so the
-        writes may all follow the math)."""
+        writes may all follow the math). Block writes take the rows of `ending` only, if given."""
         conv = self.slots.get("conv_tail")
+        keep = (lambda t: t[ending]) if ending is not None else (lambda t: t)
+        rows = keep(rows)
         for i, (checkpoint, summary, M, key_sum, conv_tail) in enumerate(layers):
             self.backend.end_segments(self.slots["online"][i], slot_ids, targets, rows, self.blocks["ckpt"][i],
-                                      checkpoint, M, reset=not self.carry)
-            self.blocks["summary"][i].index_copy_(0, rows, summary)
+                                      None if checkpoint is None else keep(checkpoint), M, reset=not self.carry)
+            self.blocks["summary"][i].index_copy_(0, rows, keep(summary))
             self.slots["key_sum"][i].index_copy_(0, slot_ids, key_sum)
             if conv is not None:
                 conv_tail = conv_tail.float()  # in the weights' dtype
-                self.blocks["block_conv"][i].index_copy_(0, rows, conv_tail)
+                self.blocks["block_conv"][i].index_copy_(0, rows, keep(conv_tail))
                 conv[i].index_copy_(0, slot_ids, conv_tail)
 
     # --- gather / scatter ------------------------------------------------------------------

@@ -35,7 +35,7 @@ def create_app(config: ServerConfig, engine_thread: bool = True) -> FastAPI:
     model = models.load(model_dir, device=config.torch_device(), overrides=config.model_overrides(),
                         dtype=config.torch_dtype())
     store = SessionStore(model.fingerprint, open_backend(config.store), config.limits,
-                         ckpt_dtype=config.engine.ckpt_dtype, durability=config.session_durability,
+                         durability=config.session_durability,
                          lease_s=config.session_lease_s)
     engine = AsyncEngine(LLMEngine(model, config.engine, store), start_thread=engine_thread)
     log.info("max_model_len %d tokens (%d device checkpoint blocks of %d tokens)", engine.engine.max_model_len,

@@ -8,6 +8,7 @@ import models
 from engine.config import EngineConfig
 from engine.llm_engine import EngineError, LLMEngine
 from engine.params import SamplingParams
+from engine.sessions import SessionStore
 from tests.helpers import tiny_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -84,14 +85,27 @@ def test_packed_prefill_at_odd_positions_equals_one_at_a_time(arch, memory, aggr
 @pytest.mark.parametrize("arch,memory,aggregation", [("mcserve", "gla", "grm"), ("mamba2", "gla", "ssc"),
                                                      ("gated_deltanet", "delta", "soup")])
 def test_bf16_weights_engine_equals_the_bf16_model(arch, memory, aggregation):
-    """Weights in bf16 (the server's --dtype bf16): the engine's pools stay fp32, and its greedy
+    """Weights in bf16 (the server's --dtype bf16) with fp32 checkpoints: the engine's greedy
     outputs are the bf16 model's own."""
     model = tiny_model(arch=arch, memory=memory, aggregation=aggregation).to(torch.bfloat16)
-    engine = make_engine(model)
+    engine = make_engine(model, ckpt_dtype="fp32")
     ps = prompts(5, seed=7)
     for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
         assert out == reference_greedy(model, prompt, 12), prompt
     assert_pools_empty(engine)
+
+
+def test_checkpoints_are_stored_as_the_weights_by_default():
+    """ckpt_dtype "auto": bf16 weights store bf16 checkpoints (what the decode step reads most),
+    fp32 weights fp32 ones; a dtype given is kept."""
+    model = tiny_model()
+    assert make_engine(model).runner.blocks["ckpt"].dtype == torch.float32
+    bf16_model = tiny_model().to(torch.bfloat16)
+    store = SessionStore(bf16_model.fingerprint)
+    bf16 = LLMEngine(bf16_model, EngineConfig(max_num_seqs=2, num_device_blocks=8, num_host_blocks=0), store)
+    assert bf16.config.ckpt_dtype == "bf16" and bf16.runner.blocks["ckpt"].dtype == torch.bfloat16
+    assert store.block_key("h").split("-")[1] == "bf16"  # the saved blocks say what they hold
+    assert make_engine(model, ckpt_dtype="bf16").runner.blocks["ckpt"].dtype == torch.bfloat16
 
 
 def test_pool_pressure_swaps_and_recomputes_without_changing_outputs():
